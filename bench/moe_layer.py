@@ -1,0 +1,143 @@
+"""Forward + backward time of raymoe's MoE layer against a dense FFN and DeepSpeed's MoE.
+
+CPU, fp32, 8192 tokens, hidden 512, FFN 2048, capacity factor 1.0, experts 8, 32, 128.
+The three layers run alternately in the same process; the table shows median ratios.
+Peak memory of one forward + backward at the largest expert count is what torch allocates
+during the step, from the profiler's memory events.
+
+    python bench/moe_layer.py [--reps 7] [--experts 8 32 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+from torch import nn
+
+TOKENS, HIDDEN, FFN = 8192, 512, 2048
+
+
+def dense_ffn() -> nn.Module:
+    return nn.Sequential(nn.Linear(HIDDEN, FFN), nn.GELU(approximate="tanh"), nn.Linear(FFN, HIDDEN))
+
+
+def ours(experts: int) -> nn.Module:
+    from raymoe.config import MoEConfig
+    from raymoe.model.moe import MoELayer
+
+    layer = MoELayer(HIDDEN, FFN, MoEConfig(num_experts=experts, capacity_factor=1.0,
+                                            min_capacity=4, use_rts=True))
+    for p in layer.parameters():
+        nn.init.normal_(p, std=0.02)
+    return layer
+
+
+def deepspeed_moe(experts: int) -> nn.Module:
+    import logging
+
+    import deepspeed
+    import deepspeed.comm as ds_comm
+    from deepspeed.moe.layer import MoE
+    from deepspeed.utils import logger
+
+    logger.setLevel(logging.ERROR)
+    if not ds_comm.is_initialized():
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511",
+                          RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+        deepspeed.init_distributed(dist_backend="gloo", verbose=False)
+    layer = MoE(HIDDEN, dense_ffn(), num_experts=experts, ep_size=1, k=1, capacity_factor=1.0,
+                min_capacity=4, use_rts=True)
+    for p in layer.parameters():
+        nn.init.normal_(p, std=0.02)
+    return layer
+
+
+def output(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    y = layer(x)
+    return y[0] if isinstance(y, tuple) else y
+
+
+def step(layer: nn.Module, x: torch.Tensor) -> float:
+    """One forward + backward against a fixed output gradient (no loss to allocate)."""
+    start = time.perf_counter()
+    output(layer, x).backward(_output_grad(x))
+    layer.zero_grad(set_to_none=False)  # as a training loop does: keep the buffers
+    return time.perf_counter() - start
+
+
+_GRADS: dict[tuple[int, ...], torch.Tensor] = {}
+
+
+def _output_grad(x: torch.Tensor) -> torch.Tensor:
+    if x.shape not in _GRADS:
+        _GRADS[x.shape] = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+    return _GRADS[x.shape]
+
+
+def build(kind: str, experts: int) -> nn.Module:
+    return {"dense": lambda e: dense_ffn(), "ours": ours, "deepspeed": deepspeed_moe}[kind](experts)
+
+
+def time_table(expert_counts: list[int], reps: int) -> list[tuple[int, float, float, float]]:
+    rows = []
+    for experts in expert_counts:
+        torch.manual_seed(0)
+        layers = {kind: build(kind, experts) for kind in ("dense", "ours", "deepspeed")}
+        x = torch.randn(1, TOKENS, HIDDEN, requires_grad=True)
+        for layer in layers.values():  # warm-up
+            step(layer, x)
+        times: dict[str, list[float]] = {kind: [] for kind in layers}
+        for _ in range(reps):
+            for kind, layer in layers.items():
+                times[kind].append(step(layer, x))
+        med = {kind: statistics.median(t) for kind, t in times.items()}
+        rows.append((experts, med["ours"] / med["dense"], med["deepspeed"] / med["dense"],
+                     med["deepspeed"] / med["ours"]))
+    return rows
+
+
+def peak_memory_mib(layer: nn.Module, x: torch.Tensor) -> float:
+    """Peak of the bytes torch allocates during one forward + backward (after a warm-up
+    step, so gradient buffers already exist), read from the profiler's memory events."""
+    import json
+    import tempfile
+
+    step(layer, x)
+    with torch.profiler.profile(profile_memory=True,
+                                activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step(layer, x)
+    with tempfile.NamedTemporaryFile(suffix=".json") as trace:
+        prof.export_chrome_trace(trace.name)
+        events = [e["args"] for e in json.load(open(trace.name))["traceEvents"]
+                  if e.get("name") == "[memory]"]
+    if not events:
+        return 0.0
+    start = events[0]["Total Allocated"] - events[0]["Bytes"]
+    return (max(e["Total Allocated"] for e in events) - start) / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=7)
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128])
+    args = parser.parse_args()
+    torch.set_num_threads(os.cpu_count() or 1)
+    print(f"MoE layer fwd+bwd, CPU fp32, {TOKENS} tokens, hidden {HIDDEN}, FFN {FFN}, "
+          f"capacity factor 1.0, median of {args.reps}, {torch.get_num_threads()} threads")
+    print(f"{'experts':>8} {'ours/dense':>11} {'deepspeed/dense':>16} {'deepspeed/ours':>15}")
+    for experts, ours_ratio, ds_ratio, speedup in time_table(args.experts, args.reps):
+        print(f"{experts:>8} {ours_ratio:>11.3f} {ds_ratio:>16.3f} {speedup:>15.3f}")
+    experts = max(args.experts)
+    x = torch.randn(1, TOKENS, HIDDEN, requires_grad=True)
+    dense_mib, ours_mib, ds_mib = (peak_memory_mib(build(kind, experts), x)
+                                   for kind in ("dense", "ours", "deepspeed"))
+    print(f"peak memory of one fwd+bwd at {experts} experts: dense FFN {dense_mib:.0f} MiB, "
+          f"ours {ours_mib:.0f} MiB, deepspeed {ds_mib:.0f} MiB, ours/deepspeed {ours_mib / ds_mib:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+"""raymoe: Mixture-of-Experts GPT training orchestrated by Ray."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,381 @@
+"""One source of truth for every setting: typed dataclasses, the presets, YAML and overrides.
+
+A config is built from nested dicts (a YAML file, a preset, ``key.sub=value`` overrides);
+every key is checked against the dataclass fields, every value against the field's type,
+and then the cross-field rules in ``Config.validate`` run. Errors name the dotted key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names the dotted key."""
+
+
+@dataclass
+class MoEConfig:
+    """Mixture-of-Experts feed-forward layers (DeepSpeed-MoE semantics)."""
+
+    num_experts: int = 0
+    """0 means a dense model; otherwise the experts in every MoE layer."""
+    every: int = 2
+    """MoE replaces the FFN of layers every, 2*every, ... (1-indexed): 2 gives layers 2, 4, ..."""
+    top_k: int = 1
+    capacity_factor: float = 1.0
+    eval_capacity_factor: float = 1.0
+    min_capacity: int = 4
+    drop_tokens: bool = True
+    use_rts: bool = True
+    """Random token selection: an over-full expert keeps a random subset (else the first)."""
+    noisy_gate_policy: Optional[Literal["Jitter", "RSample"]] = None
+    second_expert_sampling: bool = True
+    """Top-2 only: pick the second expert with Gumbel noise, as DeepSpeed does by default."""
+    loss_coef: float = 0.01
+    """Training loss = LM loss + loss_coef * sum of the layers' load-balancing l_aux."""
+    z_loss_coef: float = 0.0
+    """Router z-loss (ST-MoE); 0 turns it off."""
+
+    @property
+    def enabled(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer_index: int) -> bool:
+        """Whether 0-indexed layer ``layer_index`` has an MoE feed-forward."""
+        return self.enabled and (layer_index + 1) % self.every == 0
+
+
+@dataclass
+class ModelConfig:
+    """A GPT-2 style decoder; shapes of the reference models live in PRESETS."""
+
+    vocab_size: int = 50257
+    """The tokenizer's vocabulary; the embedding is padded up to a multiple of pad_vocab_to."""
+    pad_vocab_to: int = 128
+    seq_len: int = 2048
+    n_layer: int = 24
+    d_model: int = 1024
+    n_head: int = 16
+    ffn_mult: int = 4
+    init_std: float = 0.014
+    dropout: float = 0.0
+    activation_checkpointing: bool = False
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    @property
+    def padded_vocab_size(self) -> int:
+        return math.ceil(self.vocab_size / self.pad_vocab_to) * self.pad_vocab_to
+
+    @property
+    def d_ffn(self) -> int:
+        return self.ffn_mult * self.d_model
+
+
+@dataclass
+class ParallelConfig:
+    num_workers: int = 1
+    ep_size: int = 1
+    """Expert-parallel group size: the experts are split over this many ranks."""
+    use_gpu: bool = False
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warm-up then cosine decay, both measured in tokens."""
+
+    lr: float = 3e-4
+    min_lr_ratio: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    grad_clip: float = 1.0
+    warmup_tokens: int = 375_000_000
+    decay_tokens: int = 300_000_000_000
+
+
+@dataclass
+class DataConfig:
+    path: str = ""
+    """Directory or s3:// prefix of prepared shards; empty means the bundled sample."""
+    tokenizer: str = "gpt2"
+    seed: int = 1234
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 256
+    """Sequences per optimizer step over all data-parallel ranks."""
+    micro_batch: int = 4
+    total_tokens: int = 300_000_000_000
+    seed: int = 1234
+    log_every: int = 10
+    eval_every: int = 1000
+    eval_batches: int = 20
+    checkpoint_every: int = 1000
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def validate(self) -> "Config":
+        """Cross-field rules; raises ConfigError naming the offending key."""
+        m, moe, par = self.model, self.model.moe, self.parallel
+        _require(m.d_model % m.n_head == 0, "model.n_head",
+                 f"{m.n_head} heads do not divide model.d_model={m.d_model}")
+        for key in ("vocab_size", "seq_len", "n_layer", "d_model", "n_head", "ffn_mult", "pad_vocab_to"):
+            _require(getattr(m, key) > 0, f"model.{key}", "must be > 0")
+        _require(m.init_std > 0, "model.init_std", "must be > 0")
+        _require(0.0 <= m.dropout < 1.0, "model.dropout", "must be in [0, 1)")
+        _require(moe.num_experts >= 0, "model.moe.num_experts", "must be >= 0 (0 = dense)")
+        _require(moe.every >= 1, "model.moe.every", "must be >= 1")
+        _require(moe.capacity_factor > 0, "model.moe.capacity_factor",
+                 f"must be > 0, got {moe.capacity_factor}")
+        _require(moe.eval_capacity_factor > 0, "model.moe.eval_capacity_factor",
+                 f"must be > 0, got {moe.eval_capacity_factor}")
+        _require(moe.min_capacity >= 0, "model.moe.min_capacity", "must be >= 0")
+        _require(moe.top_k in (1, 2), "model.moe.top_k", f"must be 1 or 2, got {moe.top_k}")
+        if moe.enabled:
+            _require(moe.top_k <= moe.num_experts, "model.moe.top_k",
+                     f"top_k={moe.top_k} exceeds model.moe.num_experts={moe.num_experts}")
+            _require(moe.num_experts % par.ep_size == 0, "parallel.ep_size",
+                     f"model.moe.num_experts={moe.num_experts} is not divisible by "
+                     f"parallel.ep_size={par.ep_size}")
+        else:
+            _require(par.ep_size == 1, "parallel.ep_size", "must be 1 for a dense model")
+        _require(par.num_workers >= 1, "parallel.num_workers", "must be >= 1")
+        _require(par.ep_size >= 1 and par.num_workers % par.ep_size == 0, "parallel.ep_size",
+                 f"parallel.ep_size={par.ep_size} must divide parallel.num_workers={par.num_workers}")
+        t = self.train
+        _require(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
+        _require(t.global_batch % (t.micro_batch * par.num_workers) == 0, "train.global_batch",
+                 f"{t.global_batch} is not a multiple of train.micro_batch x parallel.num_workers "
+                 f"= {t.micro_batch} x {par.num_workers}")
+        o = self.optim
+        _require(o.lr > 0, "optim.lr", "must be > 0")
+        _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
+        _require(o.grad_clip >= 0, "optim.grad_clip", "must be >= 0 (0 turns clipping off)")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return _to_plain(dataclasses.asdict(self))
+
+
+def _require(ok: bool, key: str, problem: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}: {problem}")
+
+
+def _to_plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _to_plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_plain(v) for v in value]
+    return value
+
+
+# ---------------------------------------------------------------------------- building
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; returns it (numbers widened)."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{key}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(str(err))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {args}")
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {value!r}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp in (int, float):
+        number = _as_number(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected {tp.__name__}, got {value!r}")
+        if tp is int:
+            if float(number) != int(number):
+                raise ConfigError(f"{key}: expected an integer, got {value!r}")
+            return int(number)
+        return float(number)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+
+
+def _as_number(value: Any) -> float | int | None:
+    """Numbers, and strings like '300e9' (YAML 1.1 reads those as strings)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value.replace("_", ""))
+        except ValueError:
+            return None
+    return None
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{(prefix + '.' if prefix else '') + close[0]}'?" if close else ""
+            raise ConfigError(f"{dotted}: unknown key{hint} (known: {', '.join(names)})")
+        kwargs[key] = _coerce(value, hints[key], dotted)
+    return cls(**kwargs)
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    return _build(Config, raw, "").validate()
+
+
+def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def parse_override(text: str) -> dict[str, Any]:
+    """``model.moe.num_experts=32`` -> {'model': {'moe': {'num_experts': 32}}}."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r}: expected KEY=VALUE, for example model.n_layer=12")
+    key, _, raw_value = text.partition("=")
+    value = yaml.safe_load(raw_value) if raw_value.strip() else ""
+    nested: dict[str, Any] = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def load_config(source: str, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """A preset name or a YAML file, then dotted overrides, validated.
+
+    A YAML file may name a preset to start from with ``preset: NAME``.
+    """
+    raw = _raw_source(source)
+    for text in overrides:
+        raw = _deep_merge(raw, parse_override(text))
+    return config_from_dict(raw)
+
+
+def _raw_source(source: str) -> dict[str, Any]:
+    if source in PRESETS:
+        return PRESETS[source]
+    path = Path(source)
+    if not path.is_file():
+        close = difflib.get_close_matches(source, list(PRESETS), n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        raise ConfigError(f"{source!r} is neither a preset ({', '.join(PRESETS)}) nor a YAML file{hint}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from err
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
+    base_name = raw.pop("preset", None)
+    if base_name is None:
+        return raw
+    if base_name not in PRESETS:
+        raise ConfigError(f"{path}: preset: {base_name!r} is not one of {', '.join(PRESETS)}")
+    return _deep_merge(PRESETS[base_name], raw)
+
+
+# ---------------------------------------------------------------------------- presets
+
+
+def _reference(name: str, n_layer: int, d_model: int, n_head: int, *, lr: float, batch: int,
+               init_std: float = 0.014, experts: int = 0) -> dict[str, Any]:
+    """A model of the DeepSpeed-MoE NLG paper with the public scripts' recipe."""
+    moe = {"num_experts": experts, "every": 2, "top_k": 1, "capacity_factor": 1.0,
+           "eval_capacity_factor": 1.0, "min_capacity": 4, "drop_tokens": True,
+           "use_rts": True, "loss_coef": 0.01}
+    tokens = 300_000_000_000 if experts else 260_000_000_000
+    return {
+        "name": name,
+        "model": {"vocab_size": 50257, "pad_vocab_to": 128, "seq_len": 2048, "n_layer": n_layer,
+                  "d_model": d_model, "n_head": n_head, "init_std": init_std, "moe": moe},
+        "parallel": {"num_workers": 128, "ep_size": min(experts, 128) if experts else 1,
+                     "use_gpu": True},
+        "optim": {"lr": lr, "min_lr_ratio": 0.01, "betas": [0.9, 0.95], "weight_decay": 0.1,
+                  "grad_clip": 1.0, "warmup_tokens": 375_000_000, "decay_tokens": tokens},
+        "data": {"tokenizer": "gpt2"},
+        "train": {"global_batch": batch, "micro_batch": 2 if batch == 256 else 4,
+                  "total_tokens": tokens},
+    }
+
+
+def _tiny(name: str, *, d_model: int = 128, n_layer: int = 4, experts: int = 0) -> dict[str, Any]:
+    """Models that train on 2 CPU cores in minutes, with a byte-level vocabulary."""
+    return {
+        "name": name,
+        "model": {"vocab_size": 257, "pad_vocab_to": 128, "seq_len": 128, "n_layer": n_layer,
+                  "d_model": d_model, "n_head": 4, "init_std": 0.02,
+                  "moe": {"num_experts": experts, "every": 2, "min_capacity": 4}},
+        "parallel": {"num_workers": 1, "ep_size": 1, "use_gpu": False},
+        "optim": {"lr": 2e-3, "min_lr_ratio": 0.1, "warmup_tokens": 50_000,
+                  "decay_tokens": 5_000_000},
+        "data": {"tokenizer": "bytes"},
+        "train": {"global_batch": 16, "micro_batch": 16, "total_tokens": 5_000_000,
+                  "log_every": 10, "eval_every": 100, "eval_batches": 8, "checkpoint_every": 200},
+    }
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt-350m": _reference("gpt-350m", 24, 1024, 16, lr=3e-4, batch=256),
+    "gpt-1.3b": _reference("gpt-1.3b", 24, 2048, 16, lr=2e-4, batch=512),
+    "gpt-6.7b": _reference("gpt-6.7b", 32, 4096, 32, lr=1.2e-4, batch=1024, init_std=0.01),
+    "gpt-350m-moe128": _reference("gpt-350m-moe128", 24, 1024, 16, lr=2e-4, batch=256, experts=128),
+    "gpt-1.3b-moe128": _reference("gpt-1.3b-moe128", 24, 2048, 16, lr=1.2e-4, batch=512,
+                                  experts=128),
+    "tiny": _tiny("tiny"),
+    "tiny-moe8": _tiny("tiny-moe8", experts=8),
+}

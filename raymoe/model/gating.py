@@ -1,0 +1,164 @@
+"""Top-1 and top-2 gating with DeepSpeed's semantics, computed on indices.
+
+DeepSpeed builds one-hot [tokens, experts] masks and a [tokens, experts, capacity] combine
+tensor. Here every decision is a per-token integer (expert, slot) found by sorting, so the
+cost has no experts x capacity term. What is computed (capacity, exp_counts, l_aux, which
+tokens are kept, combine weights) follows deepspeed/moe/sharded_moe.py; see DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+CapacityReducer = Callable[[int], int]
+"""Maps a rank's local value to the maximum over its expert-parallel group."""
+
+
+@dataclass
+class GateOutput:
+    """Routing decisions for S tokens: shapes (S,) for top-1, (S, 2) for top-2."""
+
+    expert: Tensor
+    """Chosen expert id, int64."""
+    slot: Tensor
+    """Position in the expert's capacity buffer, -1 when the token is dropped."""
+    weight: Tensor
+    """Combine weight (0 for a dropped token); carries the router's gradient."""
+    l_aux: Tensor
+    """Load-balancing loss, scalar."""
+    exp_counts: Tensor
+    """Tokens routed to each expert before dropping, (E,) int64."""
+    capacity: int
+
+    @property
+    def kept(self) -> Tensor:
+        return self.slot >= 0
+
+
+def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float,
+                    min_capacity: int) -> int:
+    """DeepSpeed's capacity: max(ceil(tokens / experts * factor), min_capacity)."""
+    return max(math.ceil(num_tokens / num_experts * capacity_factor), min_capacity)
+
+
+def position_in_expert(expert: Tensor, num_experts: int) -> Tensor:
+    """For each entry, how many earlier entries chose the same expert (stable, by sorting).
+
+    Entries with expert == num_experts form an extra bucket, used for "not counted".
+    """
+    order = torch.argsort(expert, stable=True)
+    counts = torch.bincount(expert, minlength=num_experts + 1)
+    starts = torch.cumsum(counts, 0) - counts
+    sorted_pos = torch.arange(expert.numel(), device=expert.device) - starts[expert[order]]
+    pos = torch.empty_like(sorted_pos)
+    pos[order] = sorted_pos
+    return pos
+
+
+def _load_balancing_loss(gates: Tensor, expert: Tensor) -> Tensor:
+    """l_aux = E * sum_e mean_s(gates[:, e]) * fraction of tokens whose first choice is e."""
+    num_tokens, num_experts = gates.shape
+    me = gates.mean(dim=0)
+    ce = torch.bincount(expert, minlength=num_experts).to(gates.dtype) / num_tokens
+    return (me * ce).sum() * num_experts
+
+
+def _no_drop_capacity(exp_counts: Tensor, reduce_max: Optional[CapacityReducer]) -> int:
+    capacity = int(exp_counts.max())
+    if reduce_max is not None:
+        capacity = reduce_max(capacity)
+    return capacity
+
+
+def top1_gating(logits: Tensor, capacity_factor: float = 1.0, min_capacity: int = 4,
+                drop_tokens: bool = True, use_rts: bool = True,
+                noisy_gate_policy: Optional[str] = None,
+                reduce_max: Optional[CapacityReducer] = None,
+                generator: Optional[torch.Generator] = None) -> GateOutput:
+    """DeepSpeed's top1gating on (S, E) fp32 router logits.
+
+    Without RTS an over-full expert keeps its first ``capacity`` tokens in token order.
+    ``reduce_max`` gives drop_tokens=False the maximum over the expert-parallel group.
+    """
+    num_tokens, num_experts = logits.shape
+    gates = F.softmax(logits, dim=1)
+    if noisy_gate_policy == "RSample":
+        noise = -torch.log(-torch.log(_uniform(logits.shape, logits, generator)))
+        expert = torch.argmax(logits + noise, dim=1)
+    else:
+        expert = torch.argmax(gates, dim=1)
+    exp_counts = torch.bincount(expert, minlength=num_experts)
+    l_aux = _load_balancing_loss(gates, expert)
+
+    if drop_tokens:
+        capacity = expert_capacity(num_tokens, num_experts, capacity_factor, min_capacity)
+    else:
+        capacity = min(_no_drop_capacity(exp_counts, reduce_max), num_tokens)
+
+    if use_rts:
+        # Each token's rank among its expert's tokens by a uniform score; the top
+        # `capacity` survive (DeepSpeed: topk over mask * uniform).
+        score = _uniform((num_tokens,), logits, generator)
+        by_score = torch.argsort(score, descending=True)
+        rank = torch.empty_like(expert)
+        rank[by_score] = position_in_expert(expert[by_score], num_experts)
+        kept = rank < capacity
+        # Slots follow token order among the kept tokens (DeepSpeed: cumsum of the mask).
+        slot = position_in_expert(torch.where(kept, expert, num_experts), num_experts)
+    else:
+        slot = position_in_expert(expert, num_experts)
+        kept = slot < capacity
+    slot = torch.where(kept, slot, -1)
+    weight = gates.gather(1, expert[:, None]).squeeze(1) * kept
+    return GateOutput(expert, slot, weight, l_aux, exp_counts, capacity)
+
+
+def top2_gating(logits: Tensor, capacity_factor: float = 1.0, min_capacity: int = 4,
+                drop_tokens: bool = True, second_expert_sampling: bool = True,
+                reduce_max: Optional[CapacityReducer] = None,
+                generator: Optional[torch.Generator] = None) -> GateOutput:
+    """DeepSpeed's top2gating: outputs have shape (S, 2); first choices fill slots first."""
+    num_tokens, num_experts = logits.shape
+    gates = F.softmax(logits, dim=1)
+    first = torch.argmax(gates, dim=1)
+    second_logits = logits
+    if second_expert_sampling:
+        second_logits = logits + -torch.log(-torch.log(_uniform(logits.shape, logits, generator)))
+    second_logits = second_logits.scatter(1, first[:, None], float("-inf"))
+    second = torch.argmax(second_logits, dim=1)
+
+    first_counts = torch.bincount(first, minlength=num_experts)
+    exp_counts = first_counts + torch.bincount(second, minlength=num_experts)
+    l_aux = _load_balancing_loss(gates, first)
+    slot1 = position_in_expert(first, num_experts)
+    slot2 = position_in_expert(second, num_experts) + first_counts[second]
+    if drop_tokens:
+        capacity = expert_capacity(num_tokens, num_experts, 2 * capacity_factor, min_capacity)
+    else:
+        capacity = _no_drop_capacity(exp_counts, reduce_max)
+    expert = torch.stack([first, second], dim=1)
+    slot = torch.stack([slot1, slot2], dim=1)
+    kept = slot < capacity
+    slot = torch.where(kept, slot, -1)
+    weight = gates.gather(1, expert) * kept
+    denom = weight.sum(dim=1, keepdim=True).clamp(min=torch.finfo(weight.dtype).eps)
+    return GateOutput(expert, slot, weight / denom, l_aux, exp_counts, capacity)
+
+
+def router_z_loss(logits: Tensor) -> Tensor:
+    """ST-MoE's z-loss: mean squared log-partition of the router logits."""
+    return torch.logsumexp(logits, dim=1).square().mean()
+
+
+def _uniform(shape: tuple[int, ...] | torch.Size, like: Tensor,
+             generator: Optional[torch.Generator]) -> Tensor:
+    """U(0, 1) strictly inside (0, 1) so that Gumbel noise stays finite."""
+    u = torch.rand(shape, device=like.device, dtype=like.dtype, generator=generator)
+    tiny = torch.finfo(like.dtype).tiny
+    return u.clamp(min=tiny, max=1.0 - torch.finfo(like.dtype).eps)

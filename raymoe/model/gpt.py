@@ -1,0 +1,179 @@
+"""A GPT-2 style decoder whose feed-forward layers may be Mixture-of-Experts layers.
+
+Read top to bottom: attention, the dense MLP, a Block (pre-LayerNorm), the GPT with tied
+input/output embeddings, its initialisation and its parameter counts.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
+
+from raymoe.config import ModelConfig
+from raymoe.model.moe import ExpertExchange, MoELayer, MoEStats, is_expert_parameter
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_head = cfg.n_head
+        self.dropout = cfg.dropout
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        batch, seq, dim = x.shape
+        q, k, v = self.qkv(x).split(dim, dim=2)
+        q, k, v = (t.view(batch, seq, self.n_head, dim // self.n_head).transpose(1, 2)
+                   for t in (q, k, v))
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.proj(y.transpose(1, 2).reshape(batch, seq, dim))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.fc = nn.Linear(cfg.d_model, cfg.d_ffn)
+        self.proj = nn.Linear(cfg.d_ffn, cfg.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_index: int, exchange: Optional[ExpertExchange]):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.d_model)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.d_model)
+        self.is_moe = cfg.moe.is_moe_layer(layer_index)
+        self.mlp: nn.Module = (MoELayer(cfg.d_model, cfg.d_ffn, cfg.moe, exchange)
+                               if self.is_moe else MLP(cfg))
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Optional[MoEStats]]:
+        x = x + self.drop(self.attn(self.ln_1(x)))
+        if self.is_moe:
+            out, stats = self.mlp(self.ln_2(x))
+        else:
+            out, stats = self.mlp(self.ln_2(x)), None
+        return x + self.drop(out), stats
+
+
+@dataclass
+class GPTOutput:
+    logits: Tensor
+    lm_loss: Optional[Tensor] = None
+    """Mean next-token cross-entropy, when targets were given."""
+    l_aux: Optional[Tensor] = None
+    """Sum of the MoE layers' load-balancing losses (0 for a dense model)."""
+    z_loss: Optional[Tensor] = None
+    loss: Optional[Tensor] = None
+    """What to minimise: lm_loss + moe.loss_coef * l_aux + moe.z_loss_coef * z_loss."""
+    moe_stats: list[MoEStats] = field(default_factory=list)
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig, exchange: Optional[ExpertExchange] = None):
+        """``exchange`` connects MoE layers to their expert-parallel group (None: local)."""
+        super().__init__()
+        self.cfg = cfg
+        self.wte = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.wpe = nn.Embedding(cfg.seq_len, cfg.d_model)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i, exchange) for i in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(cfg.d_model)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std); output projections scaled by 1/sqrt(2 * layers).
+
+        Dense parameters come from the global RNG (seed every rank alike and they agree).
+        Each expert is drawn from its own generator seeded by its GLOBAL id, so a model
+        is initialised the same whatever the expert-parallel size.
+        """
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layer)
+        for name, param in self.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            scale = out_std if name.endswith("proj.weight") or leaf == "w_out" else std
+            if ".ln_" in name or name.startswith("ln_f"):
+                param.fill_(1.0) if leaf == "weight" else param.zero_()
+            elif leaf.startswith("bias"):
+                param.zero_()
+            elif is_expert_parameter(name):
+                layer: MoELayer = self.get_submodule(name.split(".experts.")[0])
+                base_seed = int(torch.randint(2**62, (), device="cpu"))  # one draw, any EP size
+                _normal_per_expert(param, layer.global_expert_ids, base_seed, scale)
+            else:
+                param.normal_(0.0, scale)
+
+    @property
+    def moe_layers(self) -> list[MoELayer]:
+        return [b.mlp for b in self.blocks if b.is_moe]
+
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> GPTOutput:
+        batch, seq = idx.shape
+        if seq > self.cfg.seq_len:
+            raise ValueError(f"sequence of {seq} tokens exceeds model.seq_len={self.cfg.seq_len}")
+        check_token_ids(idx, self.cfg.vocab_size, "input")
+        positions = torch.arange(seq, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(positions))
+        stats: list[MoEStats] = []
+        for block in self.blocks:
+            if self.cfg.activation_checkpointing and self.training:
+                x, layer_stats = checkpoint(block, x, use_reentrant=False)
+            else:
+                x, layer_stats = block(x)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        logits = F.linear(self.ln_f(x), self.wte.weight)
+        if targets is None:
+            return GPTOutput(logits=logits, moe_stats=stats)
+        check_token_ids(targets, self.cfg.vocab_size, "target")
+        lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        zero = lm_loss.new_zeros(())
+        l_aux = sum((s.l_aux for s in stats), zero)
+        z_loss = sum((s.z_loss for s in stats), zero)
+        moe = self.cfg.moe
+        loss = lm_loss + moe.loss_coef * l_aux + moe.z_loss_coef * z_loss
+        return GPTOutput(logits, lm_loss, l_aux, z_loss, loss, stats)
+
+    def num_parameters(self, active_only: bool = False) -> int:
+        """All parameters of the full model (every expert, whatever this rank holds), or
+        those one token uses: the dense ones, the routers and top_k experts per MoE layer."""
+        total = 0
+        for name, param in self.named_parameters():
+            if not is_expert_parameter(name):
+                total += param.numel()
+                continue
+            layer: MoELayer = self.get_submodule(name.split(".experts.")[0])
+            per_expert = param.numel() // layer.num_local_experts
+            total += per_expert * (layer.cfg.top_k if active_only else layer.num_experts)
+        return total
+
+
+def _normal_per_expert(param: Tensor, global_ids: range, base_seed: int, std: float) -> None:
+    if param.is_meta:
+        return
+    for local, gid in enumerate(global_ids):
+        generator = torch.Generator(device=param.device).manual_seed(base_seed + gid)
+        param[local].normal_(0.0, std, generator=generator)
+
+
+def check_token_ids(ids: Tensor, vocab_size: int, what: str) -> None:
+    """Raise a clear error for ids outside [0, vocab_size) instead of a CUDA assert."""
+    if ids.numel() == 0 or ids.device.type == "meta":
+        return
+    low, high = (int(v) for v in torch.aminmax(ids))
+    if low < 0 or high >= vocab_size:
+        bad = high if high >= vocab_size else low
+        raise ValueError(f"{what} token id {bad} is outside the vocabulary [0, {vocab_size})")

@@ -1,0 +1,304 @@
+"""The Mixture-of-Experts feed-forward layer: router, index-based dispatch, batched experts.
+
+Tokens are never expanded into a [tokens, experts, capacity] tensor. After gating, the kept
+(token, expert) assignments are sorted by expert, exchanged with the ranks that own those
+experts (an identity with one rank), packed into an [local experts, C, d] buffer by index
+and run through all local experts as one batched matrix product; results travel back the
+same way and are added to their tokens scaled by the combine weight.
+
+The layer knows nothing about process groups: it talks to an ``ExpertExchange``. With
+``LocalExchange`` one process holds every expert; raymoe.parallel provides the
+expert-parallel exchange over torch.distributed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from raymoe.config import MoEConfig
+from raymoe.model.gating import (GateOutput, expert_capacity, position_in_expert,
+                                 router_z_loss, top1_gating, top2_gating)
+
+__all__ = ["ExpertExchange", "is_expert_parameter", "LocalExchange", "MoELayer", "MoEStats", "Router", "Experts",
+           "GateOutput", "expert_capacity", "top1_gating", "top2_gating"]
+
+
+def is_expert_parameter(name: str) -> bool:
+    """Whether a parameter name (from ``named_parameters``) belongs to an expert."""
+    return ".experts." in name
+
+
+class ExpertExchange(Protocol):
+    """How an MoE layer reaches the experts of its expert-parallel group."""
+
+    ep_size: int
+    ep_rank: int
+
+    def all_to_all(self, x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
+        """Differentiable: rows [sum(send_counts[:r]), ...) go to rank r of the group."""
+
+    def exchange_counts(self, counts: Tensor) -> Tensor:
+        """(E,) routed counts per global expert -> (ep_size, E_local) received per source."""
+
+    def reduce_max(self, value: int) -> int:
+        """The maximum of ``value`` over the group."""
+
+
+class LocalExchange:
+    """One process holds every expert: all exchanges are identities."""
+
+    ep_size = 1
+    ep_rank = 0
+
+    def all_to_all(self, x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
+        return x
+
+    def exchange_counts(self, counts: Tensor) -> Tensor:
+        return counts.view(1, -1)
+
+    def reduce_max(self, value: int) -> int:
+        return value
+
+
+@dataclass
+class MoEStats:
+    """What one MoE layer saw in its last forward (detached, except the losses)."""
+
+    l_aux: Tensor
+    z_loss: Tensor
+    tokens_per_expert: Tensor
+    """(E,) tokens routed to each expert before dropping, on this rank."""
+    dropped_fraction: float
+    capacity: int
+
+
+class Router(nn.Module):
+    """The gate's linear map, always computed in fp32 (also under bf16 autocast)."""
+
+    def __init__(self, d_model: int, num_experts: int, noisy_gate_policy: Optional[str]):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model))
+        self.noisy_gate_policy = noisy_gate_policy
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.float()
+        if self.noisy_gate_policy == "Jitter" and self.training:
+            x = x * torch.empty_like(x).uniform_(1.0 - 1e-2, 1.0 + 1e-2)
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x, self.weight.float())
+
+
+class Experts(nn.Module):
+    """The feed-forward networks of this rank's experts, stacked along a leading dim."""
+
+    def __init__(self, num_local_experts: int, d_model: int, d_ffn: int):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.empty(num_local_experts, d_model, d_ffn))
+        self.bias_in = nn.Parameter(torch.zeros(num_local_experts, d_ffn))
+        self.w_out = nn.Parameter(torch.empty(num_local_experts, d_ffn, d_model))
+        self.bias_out = nn.Parameter(torch.zeros(num_local_experts, d_model))
+
+    @property
+    def num_local_experts(self) -> int:
+        return self.w_in.shape[0]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(E_local, C, d) -> (E_local, C, d), one batched product per matrix."""
+        return _ExpertFFN.apply(x, self.w_in, self.bias_in, self.w_out, self.bias_out)
+
+
+EXPERT_CHUNKS = 8
+"""The experts run in this many batched chunks, so that per-chunk intermediates stay small."""
+
+
+def _expert_chunks(num_local_experts: int) -> list[slice]:
+    bounds = torch.linspace(0, num_local_experts, min(EXPERT_CHUNKS, num_local_experts) + 1)
+    edges = [int(round(float(b))) for b in bounds]
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+
+
+class _ExpertFFN(torch.autograd.Function):
+    """Batched expert FFN with a lean backward, for E experts of [C, d] rows each.
+
+    Two choices keep it as fast as a dense FFN and at about half DeepSpeed's memory:
+    - Weight gradients are added into ``param.grad`` in place (keep gradients between
+      steps: zero them, don't free them). With E experts they are E times a dense FFN's;
+      returning them from backward means a fresh E x d x f buffer per matrix every step,
+      whose page faults on CPU cost more than the products (Megatron's fused gradient
+      accumulation does the same). Hooks on these parameters' gradients do not fire.
+    - Only the input and the pre-activation are saved; the GELU output is recomputed in
+      backward, and both passes run over EXPERT_CHUNKS chunks of experts so that the
+      transient [experts, C, ffn] tensors are an eighth of the full size.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w_in: Tensor, b_in: Tensor, w_out: Tensor, b_out: Tensor) -> Tensor:
+        dtype = _compute_dtype(x)
+        x = x.to(dtype)
+        y = x.new_empty(x.shape[0], x.shape[1], w_out.shape[2])
+        pres = []
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            for part in _expert_chunks(x.shape[0]):
+                pre = torch.baddbmm(b_in[part].unsqueeze(1).to(dtype), x[part], w_in[part].to(dtype))
+                h = F.gelu(pre, approximate="tanh")
+                torch.baddbmm(b_out[part].unsqueeze(1).to(dtype), h, w_out[part].to(dtype), out=y[part])
+                pres.append(pre)
+        ctx.save_for_backward(x, *pres)
+        # The parameters themselves, not saved copies: their .grad is written in backward
+        # (saved-tensor hooks such as activation checkpointing hand back other objects).
+        ctx.params = (w_in, b_in, w_out, b_out)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        x, *pres = ctx.saved_tensors
+        w_in, b_in, w_out, b_out = ctx.params
+        dtype = x.dtype
+        grad_y = grad_y.to(dtype)
+        grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        for part, pre in zip(_expert_chunks(x.shape[0]), pres):
+            g = grad_y[part]
+            h = F.gelu(pre, approximate="tanh")
+            _accumulate(w_out, part, h.transpose(1, 2), g)
+            _accumulate_bias(b_out, part, g)
+            del h
+            grad_pre = torch.bmm(g, w_out[part].to(dtype).transpose(1, 2))
+            torch.ops.aten.gelu_backward.grad_input(grad_pre, pre, approximate="tanh",
+                                                    grad_input=grad_pre)
+            _accumulate(w_in, part, x[part].transpose(1, 2), grad_pre)
+            _accumulate_bias(b_in, part, grad_pre)
+            if grad_x is not None:
+                torch.bmm(grad_pre, w_in[part].to(dtype).transpose(1, 2), out=grad_x[part])
+        return grad_x, None, None, None, None
+
+
+class _Combine(torch.autograd.Function):
+    """y[token] += weight * out for each kept assignment, keeping only what backward needs
+    (autograd's mul + index_add would hold two [assignments, d] tensors, not one)."""
+
+    @staticmethod
+    def forward(ctx, out: Tensor, weight: Tensor, token_index: Tensor, num_tokens: int) -> Tensor:
+        ctx.save_for_backward(out, weight, token_index)
+        y = out.new_zeros(num_tokens, out.shape[1])
+        return y.index_add_(0, token_index, out * weight.unsqueeze(1).to(out.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        out, weight, token_index = ctx.saved_tensors
+        rows = grad_y.index_select(0, token_index).to(out.dtype)
+        grad_weight = torch.bmm(rows.unsqueeze(1), out.unsqueeze(2)).view(-1).to(weight.dtype)
+        return rows.mul_(weight.unsqueeze(1).to(rows.dtype)), grad_weight, None, None
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+
+
+def _grad_of(param: Tensor) -> Tensor:
+    if param.grad is None:
+        param.grad = torch.zeros_like(param)
+    return param.grad
+
+
+def _accumulate(param: Tensor, part: slice, a: Tensor, b: Tensor) -> None:
+    """param.grad[part] += a @ b (batched), without a temporary when the dtypes agree."""
+    if not param.requires_grad:
+        return
+    grad = _grad_of(param)[part]
+    if a.dtype == grad.dtype:
+        grad.baddbmm_(a, b)
+    else:
+        grad.add_(torch.bmm(a, b))
+
+
+def _accumulate_bias(param: Tensor, part: slice, grad_out: Tensor) -> None:
+    if param.requires_grad:
+        _grad_of(param)[part].add_(grad_out.sum(dim=1, dtype=param.dtype))
+
+
+class MoELayer(nn.Module):
+    def __init__(self, d_model: int, d_ffn: int, cfg: MoEConfig,
+                 exchange: Optional[ExpertExchange] = None):
+        super().__init__()
+        self.cfg = cfg
+        self.exchange: ExpertExchange = exchange or LocalExchange()
+        if cfg.num_experts % self.exchange.ep_size:
+            raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the "
+                             f"expert-parallel size {self.exchange.ep_size}")
+        self.num_experts = cfg.num_experts
+        self.num_local_experts = cfg.num_experts // self.exchange.ep_size
+        self.router = Router(d_model, cfg.num_experts, cfg.noisy_gate_policy)
+        self.experts = Experts(self.num_local_experts, d_model, d_ffn)
+        self.last_stats: Optional[MoEStats] = None
+
+    @property
+    def global_expert_ids(self) -> range:
+        first = self.exchange.ep_rank * self.num_local_experts
+        return range(first, first + self.num_local_experts)
+
+    def gate(self, logits: Tensor) -> GateOutput:
+        cfg = self.cfg
+        capacity_factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
+        reduce_max = self.exchange.reduce_max if self.exchange.ep_size > 1 else None
+        if cfg.top_k == 1:
+            return top1_gating(logits, capacity_factor, cfg.min_capacity, cfg.drop_tokens,
+                               cfg.use_rts, cfg.noisy_gate_policy if self.training else None,
+                               reduce_max=reduce_max)
+        return top2_gating(logits, capacity_factor, cfg.min_capacity, cfg.drop_tokens,
+                           cfg.second_expert_sampling and self.training, reduce_max=reduce_max)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
+        shape = x.shape
+        tokens = x.reshape(-1, shape[-1])
+        logits = self.router(tokens)
+        gate = self.gate(logits)
+
+        kept = gate.kept.reshape(-1)
+        token_index = torch.arange(tokens.shape[0], device=x.device)
+        token_index = token_index.repeat_interleave(self.cfg.top_k)[kept]
+        expert = gate.expert.reshape(-1)[kept]
+        order = torch.argsort(expert, stable=True)
+        token_index, expert = token_index[order], expert[order]
+        weight = gate.weight.reshape(-1)[kept][order]
+        out = self._run_experts(tokens.index_select(0, token_index).to(_compute_dtype(x)), expert)
+        y = _Combine.apply(out, weight, token_index, tokens.shape[0])
+
+        assignments = gate.expert.numel()
+        stats = MoEStats(
+            l_aux=gate.l_aux,
+            z_loss=router_z_loss(logits) if self.cfg.z_loss_coef > 0 else logits.new_zeros(()),
+            tokens_per_expert=gate.exp_counts.detach(),
+            dropped_fraction=1.0 - int(kept.sum()) / assignments,
+            capacity=gate.capacity,
+        )
+        self.last_stats = stats
+        return y.reshape(shape).to(x.dtype), stats
+
+    def _run_experts(self, sent: Tensor, expert: Tensor) -> Tensor:
+        """Expert outputs for rows ``sent`` already sorted by their (global) ``expert``."""
+        counts = torch.bincount(expert, minlength=self.num_experts)
+        send_counts = counts.view(self.exchange.ep_size, -1).sum(dim=1).tolist()
+        received = self.exchange.exchange_counts(counts)  # (ep_size, E_local)
+        recv_counts = received.sum(dim=1).tolist()
+        arrived = self.exchange.all_to_all(sent, send_counts, recv_counts)
+        del sent  # rows now live in `arrived` (the same tensor with one rank): free early
+
+        # Rows arrive grouped by source rank, then by local expert: give each its place.
+        local_expert = torch.arange(self.num_local_experts, device=arrived.device)
+        local_expert = local_expert.repeat(self.exchange.ep_size).repeat_interleave(received.flatten())
+        position = position_in_expert(local_expert, self.num_local_experts)
+        capacity = max(int(received.sum(dim=0).max()), 1)
+        row = local_expert * capacity + position
+
+        buffer = arrived.new_zeros(self.num_local_experts * capacity, arrived.shape[1])
+        buffer.index_put_((row,), arrived)  # index_put_ keeps only the indices for backward
+        del arrived
+        results = self.experts(buffer.view(self.num_local_experts, capacity, -1))
+        results = results.reshape(-1, results.shape[-1]).index_select(0, row)
+        return self.exchange.all_to_all(results, recv_counts, send_counts)
