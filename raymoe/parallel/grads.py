@@ -1,0 +1,95 @@
+"""Gradient reduction and global-norm clipping for data + expert parallelism.
+
+Why expert gradients are divided by the WORLD size: each rank's loss is the mean over its
+own tokens, and the objective is the mean of those losses over all N ranks. After the
+backward pass (whose all-to-all carries gradients back to the experts' owners), the rank
+holding expert e in EP group G has sum_{j in G} dL_j/dW_e. Summing that over the
+expert-data-parallel group (one replica of e per EP group) gives sum over all ranks j of
+dL_j/dW_e, and the objective's gradient is that sum / N. Dividing by the
+expert-data-parallel size (N / ep) instead would scale expert gradients by ep and make the
+step depend on the EP size. DeepSpeed divides by N too; the tests check an N-rank step
+equals the 1-rank step on the same global batch for every EP size.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from raymoe.model.moe import is_expert_parameter
+from raymoe.parallel.mesh import Mesh
+
+
+def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """(dense, expert) parameters that train, in a stable order."""
+    dense, expert = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (expert if is_expert_parameter(name) else dense).append(param)
+    return dense, expert
+
+
+def _grads(params: Iterable[nn.Parameter]) -> list[Tensor]:
+    """Every parameter's gradient, zeros where none was produced, so ranks stay aligned."""
+    out = []
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        out.append(p.grad)
+    return out
+
+
+def _all_reduce_scaled(grads: list[Tensor], group: Optional[dist.ProcessGroup], divisor: int) -> None:
+    if not grads:
+        return
+    flat = _flatten_dense_tensors(grads)
+    dist.all_reduce(flat, group=group)
+    flat.div_(divisor)
+    for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+        grad.copy_(reduced)
+
+
+def reduce_gradients(model: nn.Module, mesh: Mesh) -> None:
+    """Dense gradients: mean over all ranks. Expert gradients: sum over their
+    expert-data-parallel group / world size (see the module docstring)."""
+    if not mesh.is_distributed:
+        return
+    dense, expert = split_parameters(model)
+    _all_reduce_scaled(_grads(dense), None, mesh.world_size)
+    _all_reduce_scaled(_grads(expert), mesh.expert_dp_group, mesh.world_size)
+
+
+def global_grad_norm(model: nn.Module, mesh: Mesh) -> Tensor:
+    """The L2 norm of the full model's gradient: dense counted once, each expert once.
+
+    Call after ``reduce_gradients``: dense gradients are then equal on every rank and
+    each expert's equal on its replicas, so summing expert squares over one EP group
+    counts every expert exactly once.
+    """
+    dense, expert = split_parameters(model)
+    zero = torch.zeros((), dtype=torch.float32, device=_device(model))
+    dense_sq = sum((g.float().square().sum() for g in _grads(dense)), zero)
+    expert_sq = sum((g.float().square().sum() for g in _grads(expert)), zero.clone())
+    if mesh.is_distributed and mesh.ep_size > 1:
+        dist.all_reduce(expert_sq, group=mesh.ep_group)
+    return (dense_sq + expert_sq).sqrt()
+
+
+def clip_gradients(model: nn.Module, mesh: Mesh, max_norm: float) -> Tensor:
+    """Scale all gradients by min(1, max_norm / (norm + 1e-6)), as torch's clip does;
+    returns the norm before clipping. max_norm <= 0 only measures."""
+    norm = global_grad_norm(model, mesh)
+    if max_norm > 0:
+        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for p in model.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.dtype))
+    return norm
+
+
+def _device(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,40 @@
+"""Run a function on N local processes joined by a gloo process group (tests only)."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+TIMEOUT = datetime.timedelta(seconds=20)  # a collective bug fails fast instead of hanging
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, fn: Callable, out_dir: str, args: tuple) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=TIMEOUT)
+    try:
+        result = fn(rank, world_size, *args)
+        torch.save(result, Path(out_dir) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_distributed(fn: Callable[..., Any], world_size: int, tmp_path: Path, *args: Any) -> list[Any]:
+    """fn(rank, world_size, *args) on each rank; returns the ranks' results in order."""
+    out_dir = tmp_path / f"results-{fn.__name__}-{world_size}"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mp.spawn(_entry, args=(world_size, _free_port(), fn, str(out_dir), args), nprocs=world_size)
+    return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

@@ -1,0 +1,161 @@
+"""The expert-sharded checkpoint: any EP size loads any checkpoint, optimizer included;
+incomplete checkpoints are ignored; another model's checkpoint is refused by name."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from raymoe.model import GPT
+from raymoe.parallel import Mesh
+from raymoe.parallel.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
+                                        save_checkpoint, step_directory)
+from raymoe.train.step import train_step
+
+from multiproc import run_distributed
+from test_expert_parallel import build, global_batch, shards, tiny_config
+
+NO_DROP = False  # without dropping, capacity (a function of local tokens) cannot matter
+MICRO_BATCHES = 4  # every world size sees the same micro-batches, so l_aux terms agree
+
+
+def my_micro_batches(cfg, seed: int, rank: int, world: int):
+    per_rank = MICRO_BATCHES // world
+    return shards(global_batch(cfg, seed), MICRO_BATCHES)[rank * per_rank:(rank + 1) * per_rank]
+
+
+def continue_training(model, opt, mesh, cfg, rank: int, world: int) -> list[float]:
+    """Steps 3 and 4: the step-4 loss depends on the optimizer state used by step 3."""
+    return [train_step(model, opt, mesh, my_micro_batches(cfg, seed, rank, world), 1.0).loss
+            for seed in (3, 4)]
+
+
+def optimizer_state(model: GPT, opt: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
+    return {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
+
+
+def train_save_continue(rank: int, world: int, ep: int, root: str) -> dict:
+    """Two steps, save, a third step: returns the state at the save and the third loss."""
+    cfg = tiny_config(NO_DROP)
+    mesh = Mesh(ep)
+    model, opt = build(cfg, mesh)
+    for seed in (1, 2):
+        train_step(model, opt, mesh, my_micro_batches(cfg, seed, rank, world), 1.0)
+    save_checkpoint(step_directory(root, 2), model, mesh, opt, extra={"step": 2})
+    saved = {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+             "optim": optimizer_state(model, opt),
+             "experts": list(mesh.global_expert_ids(cfg.model.moe.num_experts))}
+    return {"saved": saved, "losses": continue_training(model, opt, mesh, cfg, rank, world)}
+
+
+def load_and_continue(rank: int, world: int, ep: int, root: str) -> dict:
+    cfg = tiny_config(NO_DROP)
+    mesh = Mesh(ep)
+    torch.manual_seed(123)  # other weights: the load must overwrite them all
+    model, opt = build(cfg, mesh)
+    extra = load_checkpoint(latest_checkpoint(root), model, mesh, opt)
+    loaded = {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
+              "optim": optimizer_state(model, opt),
+              "experts": list(mesh.global_expert_ids(cfg.model.moe.num_experts)), "extra": extra}
+    return {"loaded": loaded, "losses": continue_training(model, opt, mesh, cfg, rank, world)}
+
+
+def full_view(rank_states: list[dict], key: str) -> dict[str, dict]:
+    """Reassemble per-expert entries by global id from the ranks' slices."""
+    out: dict[str, dict] = {}
+    for state in rank_states:
+        for name, value in state[key].items():
+            if ".experts." not in name:
+                out[name] = value
+                continue
+            for i, gid in enumerate(state["experts"]):
+                out[f"{name}#{gid}"] = ({k: (v[i] if v.ndim else v) for k, v in value.items()}
+                                        if isinstance(value, dict) else value[i])
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        if isinstance(a[name], dict):
+            assert a[name].keys() == b[name].keys(), name
+            for k in a[name]:
+                assert torch.allclose(a[name][k], b[name][k], atol=1e-7), (name, k)
+        else:
+            assert torch.allclose(a[name], b[name], atol=1e-7), name
+
+
+@pytest.fixture(scope="module")
+def ep2_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpt")
+    results = run_distributed(train_save_continue, 2, root, 2, str(root / "run"))
+    return root / "run", results
+
+
+def test_save_with_ep_2_load_with_ep_1(ep2_checkpoint):
+    root, saved = ep2_checkpoint
+    [loaded] = [load_and_continue(0, 1, 1, str(root))]
+    assert loaded["loaded"]["extra"] == {"step": 2}
+    for key in ("params", "optim"):
+        assert_same(full_view([r["saved"] for r in saved], key), full_view([loaded["loaded"]], key))
+    assert loaded["losses"] == pytest.approx(saved[0]["losses"], abs=1e-5)
+
+
+def test_save_with_ep_2_load_with_ep_4(ep2_checkpoint, tmp_path):
+    root, saved = ep2_checkpoint
+    loaded = run_distributed(load_and_continue, 4, tmp_path, 4, str(root))
+    for key in ("params", "optim"):
+        assert_same(full_view([r["saved"] for r in saved], key),
+                    full_view([r["loaded"] for r in loaded], key))
+    assert loaded[0]["losses"] == pytest.approx(saved[0]["losses"], abs=1e-5)
+
+
+def test_checkpoint_without_manifest_is_ignored(tmp_path):
+    cfg = tiny_config(True)
+    mesh = Mesh(1)
+    model, opt = build(cfg, mesh)
+    save_checkpoint(step_directory(tmp_path, 1), model, mesh, opt)
+    with torch.no_grad():
+        model.wte.weight.add_(1.0)
+    save_checkpoint(step_directory(tmp_path, 2), model, mesh, opt)
+    (step_directory(tmp_path, 2) / "manifest.json").unlink()  # a crash before the manifest
+    assert latest_checkpoint(tmp_path) == step_directory(tmp_path, 1)
+    with pytest.raises(CheckpointError, match="no manifest.json; the checkpoint is incomplete"):
+        load_checkpoint(step_directory(tmp_path, 2), model, mesh)
+    fresh, _ = build(cfg, mesh)
+    load_checkpoint(latest_checkpoint(tmp_path), model, mesh)
+    assert torch.equal(model.wte.weight, fresh.wte.weight)
+
+
+def test_checkpoint_of_another_shape_names_the_parameter(tmp_path):
+    mesh = Mesh(1)
+    model, _ = build(tiny_config(True), mesh)
+    save_checkpoint(tmp_path / "c", model, mesh)
+    wider = tiny_config(True)
+    wider.model.d_model = 64
+    other, _ = build(wider, mesh)
+    with pytest.raises(CheckpointError, match=r"parameter wte.weight has shape \(384, 32\) in the "
+                                              r"checkpoint but \(384, 64\) in the model"):
+        load_checkpoint(tmp_path / "c", other, mesh)
+    more_experts = tiny_config(True)
+    more_experts.model.moe.num_experts = 16
+    other, _ = build(more_experts, mesh)
+    with pytest.raises(CheckpointError, match=r"blocks.0.mlp.router.weight has shape \(8, 32\)"):
+        load_checkpoint(tmp_path / "c", other, mesh)
+    dense = tiny_config(True)
+    dense.model.moe.num_experts = 0
+    other, _ = build(dense, mesh)
+    with pytest.raises(CheckpointError, match="checkpoint of another model: missing parameters"):
+        load_checkpoint(tmp_path / "c", other, mesh)
+
+
+def test_missing_expert_file_is_named(tmp_path):
+    mesh = Mesh(1)
+    model, _ = build(tiny_config(True), mesh)
+    save_checkpoint(tmp_path / "c", model, mesh)
+    (tmp_path / "c" / "experts-00000.pt").unlink()
+    with pytest.raises(CheckpointError, match="experts-00000.pt: listed in the manifest but missing"):
+        load_checkpoint(tmp_path / "c", model, mesh)
+    shutil.rmtree(tmp_path / "c")

@@ -1,0 +1,125 @@
+"""Data + expert parallelism on real gloo process groups: an N-rank step equals the
+1-process step on the same global batch, at every EP size, with and without dropping."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raymoe.config import load_config
+from raymoe.model import GPT
+from raymoe.parallel import Mesh, MeshLayout
+from raymoe.train.optim import build_optimizer
+from raymoe.train.step import train_step
+
+from multiproc import run_distributed
+
+GLOBAL_BATCH = 8  # sequences, split evenly over the ranks
+
+
+def tiny_config(drop_tokens: bool):
+    return load_config("tiny-moe8", [
+        "model.seq_len=16", "model.n_layer=2", "model.d_model=32", "model.moe.every=1",
+        "model.moe.use_rts=false", f"model.moe.drop_tokens={str(drop_tokens).lower()}",
+        "model.moe.min_capacity=1", "optim.lr=1e-2", "optim.grad_clip=0.05"])
+
+
+def global_batch(cfg, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    data = torch.randint(0, cfg.model.vocab_size, (GLOBAL_BATCH, cfg.model.seq_len + 1), generator=g)
+    return data[:, :-1], data[:, 1:]
+
+
+def shards(batch, parts: int):
+    inputs, targets = batch
+    return list(zip(inputs.chunk(parts), targets.chunk(parts)))
+
+
+def build(cfg, mesh: Mesh):
+    torch.manual_seed(0)
+    model = GPT(cfg.model, mesh.expert_exchange())
+    return model, build_optimizer(model, cfg.optim)
+
+
+def local_params(model: GPT) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def one_step_worker(rank: int, world: int, ep_sizes: list[int]) -> dict:
+    results = {}
+    for ep in ep_sizes:
+        for drop in (True, False):
+            cfg = tiny_config(drop)
+            mesh = Mesh(ep)
+            model, opt = build(cfg, mesh)
+            step = train_step(model, opt, mesh, [shards(global_batch(cfg, 1), world)[rank]],
+                              cfg.optim.grad_clip)
+            results[(ep, drop)] = {"step": step, "params": local_params(model),
+                                   "experts": list(mesh.global_expert_ids(cfg.model.moe.num_experts))}
+    return results
+
+
+def reference_step(drop: bool, ranks: int):
+    cfg = tiny_config(drop)
+    mesh = Mesh(1)
+    model, opt = build(cfg, mesh)
+    step = train_step(model, opt, mesh, shards(global_batch(cfg, 1), ranks), cfg.optim.grad_clip)
+    return step, local_params(model)
+
+
+def assert_matches_reference(results: list[dict], ep: int, drop: bool) -> None:
+    ref_step, ref_params = reference_step(drop, len(results))
+    assert ref_step.grad_norm > 0.05, "the clip must be active for this test to mean anything"
+    for rank_result in results:
+        got = rank_result[(ep, drop)]
+        assert got["step"].loss == pytest.approx(ref_step.loss, abs=1e-5)
+        assert got["step"].grad_norm == pytest.approx(ref_step.grad_norm, rel=1e-5)
+        ids = got["experts"]
+        for name, value in got["params"].items():
+            expected = ref_params[name][ids[0]:ids[-1] + 1] if ".experts." in name else ref_params[name]
+            assert torch.allclose(value, expected, atol=1e-5), (ep, drop, name)
+
+
+def test_world_2_with_ep_2_and_ep_1_equals_one_process(tmp_path):
+    results = run_distributed(one_step_worker, 2, tmp_path, [2, 1])
+    for ep in (2, 1):
+        for drop in (True, False):
+            assert_matches_reference(results, ep, drop)
+
+
+def test_world_4_with_ep_2_and_ep_4_equals_one_process(tmp_path):
+    results = run_distributed(one_step_worker, 4, tmp_path, [2, 4])
+    for ep in (2, 4):
+        for drop in (True, False):
+            assert_matches_reference(results, ep, drop)
+
+
+def test_mesh_layout_groups():
+    layout = MeshLayout(world_size=8, ep_size=4)
+    assert layout.ep_groups == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    assert layout.expert_dp_groups == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    assert list(layout.global_expert_ids(6, 128)) == list(range(64, 96))
+    with pytest.raises(ValueError, match="expert-parallel size 3 must divide the world size 8"):
+        MeshLayout(8, 3)
+
+
+def test_ep_size_1_needs_no_process_group():
+    mesh = Mesh(1)
+    assert not mesh.is_distributed and mesh.ep_group is None
+    assert type(mesh.expert_exchange()).__name__ == "LocalExchange"
+
+
+def test_initialisation_does_not_depend_on_the_ep_size():
+    cfg = tiny_config(True)
+    full, _ = build(cfg, Mesh(1))
+    layout = MeshLayout(4, 4)
+
+    class FakeExchange:  # the rank-2 slice without a process group: only its ids matter
+        ep_size, ep_rank = 4, 2
+
+    torch.manual_seed(0)
+    sharded = GPT(cfg.model, FakeExchange())
+    ids = layout.global_expert_ids(2, cfg.model.moe.num_experts)
+    for (name, a), (_, b) in zip(full.named_parameters(), sharded.named_parameters()):
+        expected = a[ids.start:ids.stop] if ".experts." in name else a
+        assert torch.equal(expected, b), name
