@@ -38,6 +38,37 @@ def cmd_demo(args: argparse.Namespace) -> None:
     train_locally(cfg, Path(args.corpus), max_seconds=args.seconds)
 
 
+def connect_ray(address: str | None) -> None:
+    """Join the cluster at ``address`` (or start a local one) with quiet Ray Data logs."""
+    import logging
+
+    import ray
+
+    ray.init(address=address, log_to_driver=False)
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+
+
+def cmd_prepare(args: argparse.Namespace) -> None:
+    from raymoe.data.prepare import PrepareOptions, prepare
+
+    connect_ray(args.address)
+    prepare(PrepareOptions(inputs=args.inputs, output=args.out, tokenizer=args.tokenizer,
+                           seq_len=args.seq_len, val_fraction=args.val_fraction, seed=args.seed,
+                           text_field=args.text_field, doc_chars=args.doc_chars,
+                           docs_per_shard=args.docs_per_shard))
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from raymoe.data.prepare import list_inputs, read_documents
+    from raymoe.data.tokenizers import train_tokenizer
+
+    texts = (text for uri in list_inputs(args.inputs)
+             for _, text in read_documents(uri, args.text_field, 0))
+    tokenizer = train_tokenizer(texts, args.vocab_size, args.out)
+    print(f"trained a byte-level BPE of {tokenizer.vocab_size:,} tokens: {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -53,6 +84,30 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--corpus", default=str(SAMPLE_CORPUS), help="directory of .txt files")
     demo.add_argument("--seconds", type=float, default=60.0, help="training time budget")
     demo.set_defaults(func=cmd_demo)
+
+    prep = sub.add_parser("prepare", help="tokenize raw text into packed shards (Ray Data)")
+    prep.add_argument("inputs", nargs="+", help="paths or s3:// URIs of .txt/.jsonl/.parquet "
+                                                "files or directories of them")
+    prep.add_argument("--out", required=True, help="output directory or s3:// prefix")
+    prep.add_argument("--tokenizer", default="gpt2", help="gpt2, bytes, or a tokenizer.json")
+    prep.add_argument("--seq-len", type=int, default=2048)
+    prep.add_argument("--val-fraction", type=float, default=0.005,
+                      help="share of documents held back for validation")
+    prep.add_argument("--seed", type=int, default=1234, help="seed of the validation split")
+    prep.add_argument("--text-field", default="text", help="jsonl field / parquet column")
+    prep.add_argument("--doc-chars", type=int, default=0,
+                      help="cut long texts into documents of about this many characters")
+    prep.add_argument("--docs-per-shard", type=int, default=256)
+    prep.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    prep.set_defaults(func=cmd_prepare)
+
+    tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
+    train_tok = tok.add_parser("train", help="train a byte-level BPE on a corpus")
+    train_tok.add_argument("inputs", nargs="+")
+    train_tok.add_argument("--vocab-size", type=int, default=8192)
+    train_tok.add_argument("--out", required=True, help="where to write tokenizer.json")
+    train_tok.add_argument("--text-field", default="text")
+    train_tok.set_defaults(func=cmd_tokenizer_train)
     return parser
 
 
@@ -62,6 +117,9 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except ConfigError as err:
         print(f"raymoe: config error: {err}", file=sys.stderr)
+        return 2
+    except (ValueError, OSError) as err:  # bad input: say what and where, no traceback
+        print(f"raymoe: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     return 0
 

