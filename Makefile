@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
+# Prepares the bundled sample once (runs/sample-bytes), then trains tiny-moe8 on 2 local
+# Ray workers and prints the final validation loss and where the run lives.
 demo: $(STAMP)
 	$(VENV)/bin/raymoe demo
 

@@ -31,20 +31,53 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"active per token:  {active:,} ({active / 1e9:.2f}B)")
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    from raymoe.train.local import train_locally
+def cmd_train(args: argparse.Namespace) -> None:
+    from raymoe.train.launcher import train_on_ray
 
     cfg = load_config(args.config, args.overrides)
-    train_locally(cfg, Path(args.corpus), max_seconds=args.seconds)
+    connect_ray(args.address)
+    result = train_on_ray(cfg, wait_for_resources=args.wait_for_resources)
+    report_result(result)
 
 
-def connect_ray(address: str | None) -> None:
+def report_result(result) -> None:
+    if result.error is not None:
+        raise SystemExit(f"raymoe: training failed: {result.error}")
+    metrics = result.metrics or {}
+    val = metrics.get("val_loss")
+    print(f"finished at step {metrics.get('step')}: loss {metrics.get('lm_loss', float('nan')):.4f}"
+          + (f", validation loss {val:.4f} (perplexity {metrics.get('val_perplexity'):.2f})"
+             if val is not None else ""))
+    print(f"run directory: {result.path}")
+    if result.checkpoint is not None:
+        print(f"latest checkpoint: {result.checkpoint.path}")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Prepare the bundled sample (once), then train a tiny MoE GPT on 2 Ray workers."""
+    from raymoe.data.prepare import PrepareOptions, prepare
+    from raymoe.data.shards import MANIFEST
+    from raymoe.train.launcher import train_on_ray
+
+    data = Path(args.workdir) / "sample-bytes"
+    connect_ray(args.address, num_cpus=4)
+    if not (data / MANIFEST).is_file():
+        prepare(PrepareOptions([str(SAMPLE_CORPUS)], str(data), tokenizer="bytes", seq_len=128,
+                               val_fraction=0.05, doc_chars=8000, docs_per_shard=32))
+    overrides = [f"data.path={data}", f"train.storage={args.workdir}",
+                 f"train.max_steps={args.steps}", "train.eval_every=100", *args.overrides]
+    cfg = load_config(args.config, overrides)
+    report_result(train_on_ray(cfg))
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address`` (or start a local one) with quiet Ray Data logs."""
     import logging
 
     import ray
 
-    ray.init(address=address, log_to_driver=False)
+    local = address is None
+    ray.init(address=address, num_cpus=num_cpus if local else None, log_to_driver=True)
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
 
@@ -78,11 +111,22 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.moe.num_experts=32")
     info.set_defaults(func=cmd_info)
 
-    demo = sub.add_parser("demo", help="train a tiny MoE GPT in one process on the bundled sample")
-    demo.add_argument("config", nargs="?", default="tiny-moe8")
+    train = sub.add_parser("train", help="train on a Ray Train worker group (resumes a run "
+                                          "of the same name and storage)")
+    train.add_argument("config", help="preset name or YAML file")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
+    train.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    train.add_argument("--wait-for-resources", action="store_true",
+                       help="wait for an autoscaling cluster instead of failing when too small")
+    train.set_defaults(func=cmd_train)
+
+    demo = sub.add_parser("demo", help="prepare the bundled sample, train a tiny MoE GPT on "
+                                       "2 local Ray workers")
+    demo.add_argument("--config", default="tiny-moe8", help="preset name or YAML file")
     demo.add_argument("overrides", nargs="*")
-    demo.add_argument("--corpus", default=str(SAMPLE_CORPUS), help="directory of .txt files")
-    demo.add_argument("--seconds", type=float, default=60.0, help="training time budget")
+    demo.add_argument("--steps", type=int, default=300)
+    demo.add_argument("--workdir", default="runs", help="where the data and the run go")
+    demo.add_argument("--address", default=None)
     demo.set_defaults(func=cmd_demo)
 
     prep = sub.add_parser("prepare", help="tokenize raw text into packed shards (Ray Data)")

@@ -39,6 +39,8 @@ class MoEConfig:
     use_rts: bool = True
     """Random token selection: an over-full expert keeps a random subset (else the first)."""
     noisy_gate_policy: Optional[Literal["Jitter", "RSample"]] = None
+    eval_drop_tokens: bool = False
+    """Whether evaluation drops over-capacity tokens; off, as the reference evaluated."""
     second_expert_sampling: bool = True
     """Top-2 only: pick the second expert with Gumbel noise, as DeepSpeed does by default."""
     loss_coef: float = 0.01
@@ -87,6 +89,8 @@ class ParallelConfig:
     ep_size: int = 1
     """Expert-parallel group size: the experts are split over this many ranks."""
     use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    """Ray CPUs each training worker reserves (below 1 leaves room for Ray Data tasks)."""
 
 
 @dataclass
@@ -106,9 +110,9 @@ class OptimConfig:
 @dataclass
 class DataConfig:
     path: str = ""
-    """Directory or s3:// prefix of prepared shards; empty means the bundled sample."""
-    tokenizer: str = "gpt2"
+    """Directory or s3:// prefix of a dataset written by `raymoe prepare`."""
     seed: int = 1234
+    """Seed of the shard order and the in-shard shuffle."""
 
 
 @dataclass
@@ -117,11 +121,24 @@ class TrainConfig:
     """Sequences per optimizer step over all data-parallel ranks."""
     micro_batch: int = 4
     total_tokens: int = 300_000_000_000
+    max_steps: int = 0
+    """Stop after this many steps (0: when total_tokens are trained)."""
     seed: int = 1234
     log_every: int = 10
     eval_every: int = 1000
     eval_batches: int = 20
     checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    max_failures: int = 0
+    """Worker-group restarts after a worker dies, each from the latest checkpoint."""
+    nan_tolerance: int = 5
+    """Consecutive steps with a non-finite loss or gradient that are skipped before stopping."""
+    storage: str = "runs"
+    """Where runs live: a local directory or an s3:// prefix."""
+    run_name: str = ""
+    """Defaults to the config's name; the same name and storage resume a run."""
+    peak_flops: float = 0.0
+    """Per-worker peak FLOP/s for MFU; 0 looks the GPU up (none on CPU)."""
 
 
 @dataclass
@@ -163,6 +180,8 @@ class Config:
                  f"parallel.ep_size={par.ep_size} must divide parallel.num_workers={par.num_workers}")
         t = self.train
         _require(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
+        for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "nan_tolerance"):
+            _require(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
         _require(t.global_batch % (t.micro_batch * par.num_workers) == 0, "train.global_batch",
                  f"{t.global_batch} is not a multiple of train.micro_batch x parallel.num_workers "
                  f"= {t.micro_batch} x {par.num_workers}")
@@ -347,7 +366,6 @@ def _reference(name: str, n_layer: int, d_model: int, n_head: int, *, lr: float,
                      "use_gpu": True},
         "optim": {"lr": lr, "min_lr_ratio": 0.01, "betas": [0.9, 0.95], "weight_decay": 0.1,
                   "grad_clip": 1.0, "warmup_tokens": 375_000_000, "decay_tokens": tokens},
-        "data": {"tokenizer": "gpt2"},
         "train": {"global_batch": batch, "micro_batch": 2 if batch == 256 else 4,
                   "total_tokens": tokens},
     }
@@ -360,12 +378,11 @@ def _tiny(name: str, *, d_model: int = 128, n_layer: int = 4, experts: int = 0) 
         "model": {"vocab_size": 257, "pad_vocab_to": 128, "seq_len": 128, "n_layer": n_layer,
                   "d_model": d_model, "n_head": 4, "init_std": 0.02,
                   "moe": {"num_experts": experts, "every": 2, "min_capacity": 4}},
-        "parallel": {"num_workers": 1, "ep_size": 1, "use_gpu": False},
+        "parallel": {"num_workers": 2, "ep_size": 1, "use_gpu": False, "cpus_per_worker": 0.5},
         "optim": {"lr": 2e-3, "min_lr_ratio": 0.1, "warmup_tokens": 50_000,
                   "decay_tokens": 5_000_000},
-        "data": {"tokenizer": "bytes"},
-        "train": {"global_batch": 16, "micro_batch": 16, "total_tokens": 5_000_000,
-                  "log_every": 10, "eval_every": 100, "eval_batches": 8, "checkpoint_every": 200},
+        "train": {"global_batch": 16, "micro_batch": 8, "total_tokens": 5_000_000,
+                  "log_every": 10, "eval_every": 100, "eval_batches": 4, "checkpoint_every": 100},
     }
 
 

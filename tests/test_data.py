@@ -148,7 +148,7 @@ def test_an_epoch_delivers_every_sequence_once_across_ranks(ray_cluster, split_d
     for rank in (0, 1):
         with SequenceReader(dataset, "train", rank, 2, seed=7) as reader:
             seen.extend(map(bytes, reader.next_batch(per_rank)))
-            assert reader.cursor.epoch == 0 and reader.cursor.consumed == per_rank
+            assert reader.cursor == Cursor(epoch=0, position=2 * per_rank)
     everything = list(map(bytes, all_sequences(dataset, "train")))
     assert len(set(seen)) == len(seen) == 2 * per_rank
     assert set(seen) <= set(everything) and len(set(everything) - set(seen)) == total % 2

@@ -73,7 +73,8 @@ def test_router_and_experts_receive_gradients():
 
 def test_eval_mode_uses_eval_capacity_factor_and_no_noise():
     layer = make_layer(num_experts=4, capacity_factor=0.5, eval_capacity_factor=4.0,
-                       min_capacity=1, noisy_gate_policy="RSample", use_rts=False)
+                       min_capacity=1, noisy_gate_policy="RSample", use_rts=False,
+                       eval_drop_tokens=True)
     x = torch.randn(1, 64, 16)
     layer.train()
     _, train_stats = layer(x)
@@ -85,6 +86,13 @@ def test_eval_mode_uses_eval_capacity_factor_and_no_noise():
     assert first.capacity == 64  # ceil(64 / 4 * 4.0)
     assert torch.equal(y1, y2), "eval must be deterministic: no gate noise"
     assert second.dropped_fraction == 0.0
+
+
+def test_eval_drops_no_token_by_default():
+    layer = make_layer(num_experts=4, capacity_factor=0.25, min_capacity=1)
+    layer.eval()
+    _, stats = layer(torch.randn(1, 64, 16))
+    assert stats.dropped_fraction == 0.0 and stats.capacity == int(stats.tokens_per_expert.max())
 
 
 def test_jitter_only_in_training():

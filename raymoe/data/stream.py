@@ -1,18 +1,17 @@
 """Streaming packed sequences to data-parallel ranks, resumable from a cursor.
 
 Each epoch has a plan: the shards in a seeded order, each read in a seeded permutation of
-its sequences (the shuffle buffer is one shard). The plan is one list of sequences; with
-world size W and N sequences in it, rank r reads positions [r * N//W, (r + 1) * N//W)
-(the last N mod W wait for the next epoch), so ranks read disjoint shards, never the
-whole dataset each, and finish an epoch together.
+its sequences (the shuffle buffer is one shard). The plan is one list of sequences, and
+the training run consumes it front to back, whatever the number of ranks: a call
+``next_batch(n)`` on each of W ranks takes the next W x n sequences of the plan, rank r
+getting the r-th n of them. So step s always trains on the same global batch, one
+worker with gradient accumulation sees what W workers see, and the cursor is just
+(epoch, position in the plan): a resumed reader, at the same or another world size,
+continues exactly where the run stopped, repeating and skipping nothing of the epoch.
 
-The cursor is (epoch, the plan, the world size it was cut for, sequences each rank has
-consumed). With the same world size a resumed reader yields exactly what the
-uninterrupted one would have. With another world size, the unread remainder of every
-old rank's range becomes the new plan, split anew: nothing of the epoch is repeated.
-
-Shards are read through Ray Data (one task per segment, ordered, prefetched), so S3 or
-local shards load in the background while the model trains.
+Every rank streams the whole plan and keeps its share: a W-fold read, which is small next
+to training (a 2048-token sequence is 4 KiB). Shards are read through Ray Data (one
+ordered task per segment, prefetched), so S3 or local shards load in the background.
 """
 
 from __future__ import annotations
@@ -33,20 +32,15 @@ Segment = tuple[int, int, int]
 @dataclass
 class Cursor:
     epoch: int = 0
-    plan: Optional[list[Segment]] = None
-    """Remaining plan of this epoch; None means the epoch's full seeded plan."""
-    plan_world_size: int = 0
-    consumed: int = 0
-    """Sequences each rank has taken from its range of the plan."""
+    position: int = 0
+    """Sequences of the epoch's plan consumed by all ranks together."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Cursor":
-        plan = data.get("plan")
-        return cls(data["epoch"], [tuple(s) for s in plan] if plan is not None else None,
-                   data["plan_world_size"], data["consumed"])
+        return cls(int(data["epoch"]), int(data["position"]))
 
 
 def epoch_plan(shard_sizes: list[int], seed: int, epoch: int, shuffle: bool) -> list[Segment]:
@@ -68,25 +62,8 @@ def take_range(plan: list[Segment], start: int, count: int) -> list[Segment]:
     return out
 
 
-def rank_range(plan: list[Segment], rank: int, world_size: int) -> tuple[int, int]:
-    per_rank = sum(s[2] for s in plan) // world_size
-    return rank * per_rank, per_rank
-
-
-def remaining_plan(plan: list[Segment], world_size: int, consumed: int) -> list[Segment]:
-    """What no rank of the old world has read yet: each rank's unread part, in rank order,
-    then the plan's tail that no rank's range covered."""
-    out: list[Segment] = []
-    for rank in range(world_size):
-        start, per_rank = rank_range(plan, rank, world_size)
-        out.extend(take_range(plan, start + consumed, per_rank - consumed))
-    covered = world_size * rank_range(plan, 0, world_size)[1]
-    out.extend(take_range(plan, covered, sum(s[2] for s in plan) - covered))
-    return out
-
-
 class SequenceReader:
-    """This rank's stream of sequences (numpy arrays of seq_len + 1 token ids)."""
+    """This rank's share of the sequences (numpy arrays of seq_len + 1 token ids)."""
 
     def __init__(self, dataset: PreparedDataset, split: str, rank: int, world_size: int,
                  seed: int, cursor: Optional[Cursor] = None, shuffle: bool = True,
@@ -98,33 +75,23 @@ class SequenceReader:
         self.shuffle = shuffle
         self.prefetch_segments = prefetch_segments
         self.wait_seconds = 0.0
-        self._cursor = cursor or Cursor()
-        self._rows: Optional[Iterator[np.ndarray]] = None
-        if not self.shards:
+        self.total = sum(s.sequences for s in self.shards)
+        if self.total == 0:
             raise DatasetError(f"{dataset.root.uri}: split {split!r} has no sequences")
-        self._start_epoch(self._cursor)
+        self._rows: Iterator[np.ndarray] = iter(())
+        self._start(cursor or Cursor())
 
     @property
     def cursor(self) -> Cursor:
-        """Where this reader stands; store it in the checkpoint."""
-        return Cursor(self._cursor.epoch, self._cursor.plan, self._cursor.plan_world_size,
-                      self._cursor.consumed)
+        """Where the run stands (equal on every rank); store it in the checkpoint."""
+        return Cursor(self._epoch, self._position)
 
-    def _start_epoch(self, cursor: Cursor) -> None:
-        fresh = epoch_plan([s.sequences for s in self.shards], self.seed, cursor.epoch, self.shuffle)
-        plan = cursor.plan if cursor.plan is not None else fresh
-        consumed = cursor.consumed
-        if cursor.plan_world_size not in (0, self.world_size):
-            plan = remaining_plan(plan, cursor.plan_world_size, consumed)
-            consumed = 0
-        stored_plan = None if plan == fresh else plan
-        self._cursor = Cursor(cursor.epoch, stored_plan, self.world_size, consumed)
-        start, per_rank = rank_range(plan, self.rank, self.world_size)
-        if per_rank == 0:
-            raise DatasetError(f"{self.dataset.root.uri}: {sum(s[2] for s in plan)} sequences "
-                               f"cannot feed {self.world_size} ranks")
-        self._segments = take_range(plan, start + consumed, per_rank - consumed)
-        self._rows = self._read(self._segments) if self._segments else iter(())
+    def _start(self, cursor: Cursor) -> None:
+        self.close()
+        self._epoch, self._position = cursor.epoch, cursor.position
+        plan = epoch_plan([s.sequences for s in self.shards], self.seed, self._epoch, self.shuffle)
+        segments = take_range(plan, self._position, self.total - self._position)
+        self._rows = self._read(segments) if segments else iter(())
 
     def _read(self, segments: list[Segment]) -> Iterator[np.ndarray]:
         import ray
@@ -137,7 +104,7 @@ class SequenceReader:
         ds = ds.map_batches(_load_segments, batch_size=1, batch_format="numpy",
                             fn_kwargs={"dataset_uri": self.dataset.root.uri, "split": self.split,
                                        "seed": self.seed,
-                                       "epoch": self._cursor.epoch, "shuffle": self.shuffle})
+                                       "epoch": self._epoch, "shuffle": self.shuffle})
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy",
                                          prefetch_batches=self.prefetch_segments):
@@ -160,19 +127,19 @@ class SequenceReader:
         self.close()
 
     def next_batch(self, size: int) -> np.ndarray:
-        """(size, seq_len + 1) token ids; moves to the next epoch when this one ends."""
-        rows = []
+        """(size, seq_len + 1) token ids: this rank's share of the next world_size x size
+        sequences. An epoch ends when fewer than that are left (they are not used)."""
+        block = size * self.world_size
+        if block > self.total:
+            raise DatasetError(f"{self.dataset.root.uri}: split {self.split!r} has {self.total} "
+                               f"sequences, fewer than {self.world_size} ranks x {size}")
         started = time.perf_counter()
-        while len(rows) < size:
-            row = next(self._rows, None)
-            if row is None:
-                self.close()
-                self._start_epoch(Cursor(self._cursor.epoch + 1))
-                continue
-            rows.append(row)
-            self._cursor.consumed += 1
+        if self._position + block > self.total:
+            self._start(Cursor(self._epoch + 1, 0))
+        rows = [next(self._rows) for _ in range(block)]
+        self._position += block
         self.wait_seconds += time.perf_counter() - started
-        return np.stack(rows)
+        return np.stack(rows[self.rank * size:(self.rank + 1) * size])
 
 
 def _load_segments(batch: dict[str, np.ndarray], dataset_uri: str, split: str, seed: int,

@@ -246,11 +246,12 @@ class MoELayer(nn.Module):
         cfg = self.cfg
         capacity_factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         reduce_max = self.exchange.reduce_max if self.exchange.ep_size > 1 else None
+        drop_tokens = cfg.drop_tokens if self.training else cfg.eval_drop_tokens
         if cfg.top_k == 1:
-            return top1_gating(logits, capacity_factor, cfg.min_capacity, cfg.drop_tokens,
+            return top1_gating(logits, capacity_factor, cfg.min_capacity, drop_tokens,
                                cfg.use_rts, cfg.noisy_gate_policy if self.training else None,
                                reduce_max=reduce_max)
-        return top2_gating(logits, capacity_factor, cfg.min_capacity, cfg.drop_tokens,
+        return top2_gating(logits, capacity_factor, cfg.min_capacity, drop_tokens,
                            cfg.second_expert_sampling and self.training, reduce_max=reduce_max)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:

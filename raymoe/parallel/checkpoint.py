@@ -4,6 +4,7 @@ A checkpoint is a directory:
   dense.pt              every non-expert parameter and its AdamW state (written by rank 0)
   experts-NNNNN.pt      per EP rank of the first EP group: each of its experts' parameters
                         and AdamW state under the expert's GLOBAL id
+  rank-NNNNN.pt         optional per-rank state (RNG), restored at the same world size
   manifest.json         written last, by rank 0, once every other file is complete
 
 A directory without manifest.json (a crash mid-save) is not a checkpoint. Because experts
@@ -71,12 +72,24 @@ def _adam_state(optimizer: Optional[torch.optim.Optimizer], param: nn.Parameter)
     return {k: v for k, v in optimizer.state.get(param, {}).items() if isinstance(v, Tensor)}
 
 
+def _rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
+
+
 def save_checkpoint(directory: str | Path, model: nn.Module, mesh: Mesh,
                     optimizer: Optional[torch.optim.Optimizer] = None,
-                    extra: Optional[dict[str, Any]] = None) -> Path:
-    """Collective: every rank calls it. ``extra`` (JSON) goes into the manifest."""
+                    extra: Optional[dict[str, Any]] = None,
+                    rank_state: Optional[dict[str, Any]] = None) -> Path:
+    """Collective: every rank calls it. ``extra`` (JSON) goes into the manifest;
+    ``rank_state`` is this rank's own (for example its RNG states).
+
+    Ranks may write into different local directories that are later merged (as Ray
+    Train's upload does): each file name belongs to exactly one rank.
+    """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
+    if rank_state is not None:
+        _atomic_save(rank_state, directory / _rank_file(mesh.rank))
     experts: dict[str, dict[int, dict[str, Tensor]]] = {}
     dense: dict[str, dict[str, Tensor]] = {}
     for name, param in model.named_parameters():
@@ -113,6 +126,14 @@ def save_checkpoint(directory: str | Path, model: nn.Module, mesh: Mesh,
         os.replace(tmp, directory / MANIFEST)
     _barrier(mesh)
     return directory
+
+
+def load_rank_state(directory: str | Path, mesh: Mesh) -> Optional[dict[str, Any]]:
+    """This rank's saved state, when the checkpoint was written by as many ranks."""
+    if read_manifest(directory)["world_size"] != mesh.world_size:
+        return None
+    path = Path(directory) / _rank_file(mesh.rank)
+    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:

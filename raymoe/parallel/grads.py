@@ -79,16 +79,12 @@ def global_grad_norm(model: nn.Module, mesh: Mesh) -> Tensor:
     return (dense_sq + expert_sq).sqrt()
 
 
-def clip_gradients(model: nn.Module, mesh: Mesh, max_norm: float) -> Tensor:
-    """Scale all gradients by min(1, max_norm / (norm + 1e-6)), as torch's clip does;
-    returns the norm before clipping. max_norm <= 0 only measures."""
-    norm = global_grad_norm(model, mesh)
-    if max_norm > 0:
-        coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for p in model.parameters():
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.dtype))
-    return norm
+def scale_gradients(model: nn.Module, max_norm: float, norm: Tensor) -> None:
+    """Clip: scale all gradients by min(1, max_norm / (norm + 1e-6)), as torch's clip does."""
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in model.parameters():
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.dtype))
 
 
 def _device(model: nn.Module) -> torch.device:

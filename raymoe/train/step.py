@@ -1,16 +1,20 @@
-"""One optimizer step over micro-batches: forward, backward, reduce, clip, update."""
+"""One optimizer step over micro-batches: forward, backward, reduce, clip, update.
+
+A step whose loss or gradient norm is not finite on any rank is skipped on every rank
+(gradients dropped, no update) and says which parameter first had a non-finite gradient.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Iterable
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from raymoe.model import GPT
-from raymoe.parallel.grads import clip_gradients, reduce_gradients
+from raymoe.parallel.grads import global_grad_norm, reduce_gradients, scale_gradients
 from raymoe.parallel.mesh import Mesh
 
 
@@ -19,25 +23,70 @@ class StepResult:
     loss: float
     """Mean training loss (LM + MoE terms) over micro-batches and ranks."""
     lm_loss: float
+    l_aux: float
     grad_norm: float
     """Global gradient norm before clipping."""
+    skipped: bool = False
+    diagnosis: str = ""
+    """For a skipped step: what was not finite, and where."""
+    tokens_per_expert: list[Tensor] = field(default_factory=list)
+    """Per MoE layer, tokens routed to each expert over all ranks and micro-batches."""
+    dropped_fraction: list[float] = field(default_factory=list)
 
 
 def train_step(model: GPT, optimizer: torch.optim.Optimizer, mesh: Mesh,
-               micro_batches: Iterable[tuple[Tensor, Tensor]], grad_clip: float) -> StepResult:
+               micro_batches: Iterable[tuple[Tensor, Tensor]], grad_clip: float,
+               autocast_dtype: Optional[torch.dtype] = None) -> StepResult:
     """Each rank passes its own micro-batches (the same number on every rank); the step
     equals one process taking all ranks' micro-batches with gradient accumulation."""
     batches = list(micro_batches)
-    totals = torch.zeros(2, device=next(model.parameters()).device)
+    device = next(model.parameters()).device
+    totals = torch.zeros(3, device=device)
+    layers = len(model.moe_layers)
+    counts = torch.zeros(layers, model.cfg.moe.num_experts, device=device, dtype=torch.long)
+    dropped = torch.zeros(layers, device=device)
     for inputs, targets in batches:
-        out = model(inputs, targets)
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                            enabled=autocast_dtype is not None):
+            out = model(inputs, targets)
         (out.loss / len(batches)).backward()
-        totals += torch.stack([out.loss.detach(), out.lm_loss.detach()]) / len(batches)
+        totals += torch.stack([out.loss.detach(), out.lm_loss.detach(), out.l_aux.detach()]) / len(batches)
+        for i, stats in enumerate(out.moe_stats):
+            counts[i] += stats.tokens_per_expert
+            dropped[i] += stats.dropped_fraction / len(batches)
     reduce_gradients(model, mesh)
-    norm = clip_gradients(model, mesh, grad_clip)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=False)  # experts accumulate into .grad in place
+    norm = global_grad_norm(model, mesh)
     if mesh.is_distributed:
-        dist.all_reduce(totals)
+        for t in (totals, counts, dropped):
+            dist.all_reduce(t)
         totals /= mesh.world_size
-    return StepResult(float(totals[0]), float(totals[1]), float(norm))
+        dropped /= mesh.world_size
+    loss, lm_loss, l_aux = totals.tolist()
+    result = StepResult(loss, lm_loss, l_aux, float(norm), tokens_per_expert=list(counts.cpu()),
+                        dropped_fraction=dropped.tolist())
+    if not (torch.isfinite(totals).all() and torch.isfinite(norm)):
+        result.skipped = True
+        result.diagnosis = _diagnose(model, result)
+    else:
+        if grad_clip > 0:
+            scale_gradients(model, grad_clip, norm)
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=False)  # experts accumulate into .grad in place
+    return result
+
+
+def _diagnose(model: GPT, result: StepResult) -> str:
+    parts = [f"loss={result.loss}", f"lm_loss={result.lm_loss}", f"l_aux={result.l_aux}",
+             f"grad_norm={result.grad_norm}"]
+    for i, layer in enumerate(model.moe_layers):
+        if layer.last_stats is not None and not torch.isfinite(layer.last_stats.l_aux):
+            parts.append(f"MoE layer {i} (blocks.{_block_index(model, layer)}) l_aux is not finite")
+    for name, param in model.named_parameters():
+        if param.grad is not None and not torch.isfinite(param.grad).all():
+            parts.append(f"first non-finite gradient on this rank: {name}")
+            break
+    return "; ".join(parts)
+
+
+def _block_index(model: GPT, layer: torch.nn.Module) -> int:
+    return next(i for i, block in enumerate(model.blocks) if block.mlp is layer)

@@ -1,0 +1,254 @@
+"""The per-worker training loop, independent of how its processes were launched.
+
+``Trainer`` runs on every data-parallel rank of an initialised process group (or alone).
+What depends on the launcher (where checkpoints go, how metrics leave the worker) is a
+``RunHooks`` object: Ray Train's in raymoe.train.ray_hooks, plain files in ``FileHooks``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional, Protocol
+
+import torch
+import torch.distributed as dist
+
+from raymoe.config import Config
+from raymoe.data.shards import DatasetError, PreparedDataset
+from raymoe.data.stream import Cursor, SequenceReader
+from raymoe.model import GPT
+from raymoe.parallel import Mesh
+from raymoe.parallel.checkpoint import (latest_checkpoint, load_checkpoint, load_rank_state,
+                                        save_checkpoint, step_directory)
+from raymoe.train.metrics import MetricsWriter, StepTimer, step_metrics
+from raymoe.train.optim import build_optimizer, learning_rate, set_learning_rate
+from raymoe.train.step import train_step
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+class RunHooks(Protocol):
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Optional[Path]]:
+        """A local directory holding the latest complete checkpoint, or None."""
+
+    def new_checkpoint_dir(self, step: int) -> Path:
+        """Where this rank writes the files of the checkpoint of ``step``."""
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path], step: int) -> None:
+        """Publish metrics (and a written checkpoint)."""
+
+
+@dataclass
+class TrainSummary:
+    step: int
+    tokens: int
+    loss: float
+    validation_loss: float
+    skipped_steps: int
+
+
+class FileHooks:
+    """Checkpoints in ``run_dir``/step-N on a filesystem every rank shares; metrics only
+    through the MetricsWriter."""
+
+    def __init__(self, run_dir: Path, keep: int, rank: int):
+        self.run_dir, self.keep, self.rank = Path(run_dir), keep, rank
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Optional[Path]]:
+        yield latest_checkpoint(self.run_dir)
+
+    def new_checkpoint_dir(self, step: int) -> Path:
+        return step_directory(self.run_dir, step)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path], step: int) -> None:
+        if checkpoint_dir is None or self.rank != 0:
+            return
+        complete = sorted(p for p in self.run_dir.glob("step-*") if (p / "manifest.json").is_file())
+        for old in complete[:-self.keep]:
+            for f in old.iterdir():
+                f.unlink()
+            old.rmdir()
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """bf16 autocast on GPU, plain fp32 on CPU."""
+    return torch.bfloat16 if device.type == "cuda" else None
+
+
+class Trainer:
+    def __init__(self, cfg: Config, hooks: RunHooks, device: torch.device,
+                 metrics_dir: Optional[Path] = None, log=print):
+        self.cfg, self.hooks, self.device, self.log = cfg, hooks, device, log
+        self.mesh = Mesh(cfg.parallel.ep_size)
+        self.rank, self.world = self.mesh.rank, self.mesh.world_size
+        torch.manual_seed(cfg.train.seed)  # same dense init on every rank
+        self.model = GPT(cfg.model, self.mesh.expert_exchange()).to(device)
+        self.optimizer = build_optimizer(self.model, cfg.optim)
+        self.dataset = self._open_dataset()
+        self.metrics = MetricsWriter(metrics_dir) if metrics_dir is not None and self.rank == 0 else None
+        self.step, self.tokens, self.skipped, self.consecutive_nan = 0, 0, 0, 0
+        cursor = self._resume()
+        self.reader = SequenceReader(self.dataset, "train", self.rank, self.world,
+                                     seed=cfg.data.seed, cursor=cursor)
+
+    # ---------------------------------------------------------------- set-up
+
+    def _open_dataset(self) -> PreparedDataset:
+        if not self.cfg.data.path:
+            raise DatasetError("data.path is empty: prepare a dataset with `raymoe prepare` "
+                               "and set data.path to it")
+        dataset = PreparedDataset.open(self.cfg.data.path)
+        m = self.cfg.model
+        if dataset.seq_len < m.seq_len:
+            raise DatasetError(f"{self.cfg.data.path}: sequences of {dataset.seq_len} tokens are "
+                               f"shorter than model.seq_len={m.seq_len}")
+        if dataset.vocab_size > m.vocab_size:
+            raise DatasetError(f"{self.cfg.data.path}: tokenizer {dataset.manifest['tokenizer']!r} "
+                               f"has {dataset.vocab_size} tokens, model.vocab_size is {m.vocab_size}")
+        return dataset
+
+    def _resume(self) -> Optional[Cursor]:
+        with self.hooks.latest_checkpoint() as directory:
+            if directory is None:
+                return None
+            extra = load_checkpoint(directory, self.model, self.mesh, self.optimizer)
+            rank_state = load_rank_state(directory, self.mesh)
+        if extra.get("model") != self.cfg.to_dict()["model"]:
+            self.log(f"note: resuming from {directory} whose model config differs in non-shape "
+                     "settings; using the current config")
+        self.step, self.tokens, self.skipped = extra["step"], extra["tokens"], extra["skipped"]
+        if rank_state is not None:
+            torch.set_rng_state(rank_state["torch"])
+            if rank_state.get("cuda") is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(rank_state["cuda"], self.device)
+        if self.rank == 0:
+            self.log(f"resumed from {directory} at step {self.step} ({self.tokens:,} tokens)")
+        return Cursor.from_dict(extra["cursor"])
+
+    # ---------------------------------------------------------------- loop
+
+    @property
+    def accumulation(self) -> int:
+        t = self.cfg.train
+        return t.global_batch // (t.micro_batch * self.world)
+
+    def _done(self) -> bool:
+        t = self.cfg.train
+        return (t.max_steps and self.step >= t.max_steps) or self.tokens >= t.total_tokens
+
+    def _micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        seq = self.cfg.model.seq_len
+        out = []
+        for _ in range(self.accumulation):
+            rows = torch.from_numpy(self.reader.next_batch(self.cfg.train.micro_batch).astype("int64"))
+            rows = rows[:, :seq + 1].to(self.device, non_blocking=True)
+            out.append((rows[:, :-1], rows[:, 1:]))
+        return out
+
+    def run(self) -> TrainSummary:
+        cfg, t = self.cfg, self.cfg.train
+        tokens_per_step = t.global_batch * cfg.model.seq_len
+        timer = StepTimer()
+        validation = float("nan")
+        last_loss = float("nan")
+        if self.rank == 0:
+            self.log(f"training {cfg.name}: {self.model.num_parameters():,} parameters "
+                     f"({self.model.num_parameters(active_only=True):,} active), "
+                     f"{self.world} workers, EP {cfg.parallel.ep_size}, "
+                     f"{self.accumulation} micro-batches of {t.micro_batch} per worker and step")
+        while not self._done():
+            lr = learning_rate(self.tokens, cfg.optim)
+            set_learning_rate(self.optimizer, lr)
+            wait_before = self.reader.wait_seconds
+            timer.start()
+            result = train_step(self.model, self.optimizer, self.mesh, self._micro_batches(),
+                                cfg.optim.grad_clip, autocast_dtype(self.device))
+            seconds = timer.stop()
+            self.step += 1
+            if result.skipped:
+                self._on_nonfinite(result)
+                continue
+            self.consecutive_nan = 0
+            self.tokens += tokens_per_step
+            last_loss = result.lm_loss
+            metrics: dict[str, Any] = {}
+            if self.step % t.log_every == 0 or self._done():
+                metrics = step_metrics(self, result, lr, seconds, self.reader.wait_seconds - wait_before,
+                                       tokens_per_step)
+            if self.step % t.eval_every == 0 or self._done():
+                validation = self.validate()
+                metrics.update(val_loss=validation, val_perplexity=math.exp(min(validation, 50.0)))
+            checkpoint = None
+            if self.step % t.checkpoint_every == 0 or self._done():
+                checkpoint = self.save()
+            if metrics or checkpoint is not None:
+                metrics.update(step=self.step, tokens=self.tokens)
+                self._publish(metrics, checkpoint)
+        return TrainSummary(self.step, self.tokens, last_loss, validation, self.skipped)
+
+    def _publish(self, metrics: dict[str, Any], checkpoint: Optional[Path]) -> None:
+        if self.metrics is not None:
+            self.metrics.write(self.step, metrics)
+            if "loss" in metrics:
+                self.log(self.metrics.progress_line(self.step, metrics, self.cfg.train, self.tokens))
+        self.hooks.report(metrics, checkpoint, self.step)
+
+    def _on_nonfinite(self, result) -> None:
+        self.skipped += 1
+        self.consecutive_nan += 1
+        if self.rank == 0:
+            self.log(f"step {self.step}: skipped, not finite: {result.diagnosis}")
+        if self.consecutive_nan >= self.cfg.train.nan_tolerance:
+            raise NonFiniteLossError(
+                f"stopping at step {self.step}: {self.consecutive_nan} consecutive steps with a "
+                f"non-finite loss or gradient ({result.diagnosis}); the last good checkpoint is kept")
+
+    def validate(self) -> float:
+        """Mean LM loss on the validation split: eval mode, so eval capacity, no dropping.
+        The RNG is left as it was, so a run validates without changing its training."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, device_type=self.device.type), torch.no_grad():
+            return self._validate()
+
+    def _validate(self) -> float:
+        self.model.eval()
+        total = torch.zeros(2, device=self.device)
+        try:
+            reader = SequenceReader(self.dataset, "validation", self.rank, self.world,
+                                    seed=self.cfg.data.seed, shuffle=False)
+        except DatasetError as err:
+            if self.rank == 0:
+                self.log(f"no validation: {err}")
+            self.model.train()
+            return float("nan")
+        with reader:
+            seq = self.cfg.model.seq_len
+            for _ in range(self.cfg.train.eval_batches):
+                rows = torch.from_numpy(reader.next_batch(self.cfg.train.micro_batch).astype("int64"))
+                rows = rows[:, :seq + 1].to(self.device)
+                with torch.autocast(self.device.type, dtype=autocast_dtype(self.device) or torch.float32,
+                                    enabled=autocast_dtype(self.device) is not None):
+                    total += torch.stack([self.model(rows[:, :-1], rows[:, 1:]).lm_loss.float(),
+                                          torch.ones((), device=self.device)])
+        if self.mesh.is_distributed:
+            dist.all_reduce(total)
+        self.model.train()
+        return float(total[0] / total[1])
+
+    def save(self) -> Path:
+        directory = self.hooks.new_checkpoint_dir(self.step)
+        extra = {"step": self.step, "tokens": self.tokens, "skipped": self.skipped,
+                 "cursor": self.reader.cursor.to_dict(), "config": self.cfg.to_dict(),
+                 "model": self.cfg.to_dict()["model"]}
+        rank_state = {"torch": torch.get_rng_state(),
+                      "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+        save_checkpoint(directory, self.model, self.mesh, self.optimizer, extra=extra,
+                        rank_state=rank_state)
+        return directory
+

@@ -1,0 +1,99 @@
+"""Training metrics: what is measured each logged step, and where it is written
+(TensorBoard event files and metrics.jsonl beside the run, a progress line)."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+
+from raymoe.config import TrainConfig
+
+if TYPE_CHECKING:
+    from raymoe.train.loop import Trainer
+    from raymoe.train.step import StepResult
+
+PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12}
+"""Dense bf16 peak per GPU, by a substring of the device name."""
+
+
+class StepTimer:
+    def start(self) -> None:
+        self._start = time.perf_counter()
+
+    def stop(self) -> float:
+        return time.perf_counter() - self._start
+
+
+def peak_flops(device: torch.device, configured: float) -> Optional[float]:
+    if configured > 0:
+        return configured
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
+
+
+def flops_per_token(trainer: "Trainer") -> float:
+    """Training FLOPs per token: 6 x active parameters plus attention (12 x L x d x T)."""
+    m = trainer.cfg.model
+    return 6 * trainer.model.num_parameters(active_only=True) + 12 * m.n_layer * m.d_model * m.seq_len
+
+
+def step_metrics(trainer: "Trainer", result: "StepResult", lr: float, seconds: float,
+                 data_wait: float, tokens_per_step: int) -> dict[str, Any]:
+    metrics: dict[str, Any] = {
+        "loss": result.loss, "lm_loss": result.lm_loss, "l_aux": result.l_aux, "lr": lr,
+        "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_step / seconds,
+        "samples_per_s": trainer.cfg.train.global_batch / seconds, "step_seconds": seconds,
+        "data_wait_s": data_wait, "skipped_steps": trainer.skipped,
+    }
+    peak = peak_flops(trainer.device, trainer.cfg.train.peak_flops)
+    if peak:
+        metrics["mfu"] = flops_per_token(trainer) * metrics["tokens_per_s"] / (peak * trainer.world)
+    for i, (counts, dropped) in enumerate(zip(result.tokens_per_expert, result.dropped_fraction)):
+        load = counts.float()
+        metrics[f"moe{i}/load_min"] = int(load.min())
+        metrics[f"moe{i}/load_max"] = int(load.max())
+        metrics[f"moe{i}/load_cv"] = float(load.std() / load.mean()) if load.mean() > 0 else 0.0
+        metrics[f"moe{i}/dropped"] = dropped
+    return metrics
+
+
+class MetricsWriter:
+    """TensorBoard event files and a metrics.jsonl line per report, in ``directory``."""
+
+    def __init__(self, directory: Path):
+        from tensorboardX import SummaryWriter
+
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.tensorboard = SummaryWriter(str(self.directory / "tensorboard"))
+        self.started = time.monotonic()
+
+    def write(self, step: int, metrics: dict[str, Any]) -> None:
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)) and math.isfinite(value):
+                self.tensorboard.add_scalar(key, value, step)
+        self.tensorboard.flush()
+        with open(self.directory / "metrics.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    def progress_line(self, step: int, metrics: dict[str, Any], cfg: TrainConfig, tokens: int) -> str:
+        rate = metrics["tokens_per_s"]
+        if cfg.max_steps:
+            left_tokens = max(cfg.max_steps - step, 0) * (tokens / max(step, 1))
+        else:
+            left_tokens = max(cfg.total_tokens - tokens, 0)
+        eta = datetime.timedelta(seconds=int(left_tokens / rate)) if rate > 0 else "?"
+        line = (f"step {step:6d} | loss {metrics['lm_loss']:.4f} | l_aux {metrics['l_aux']:.3f} | "
+                f"lr {metrics['lr']:.2e} | {rate:,.0f} tok/s | grad {metrics['grad_norm']:.2f} | "
+                f"ETA {eta}")
+        if "val_loss" in metrics:
+            line += f" | val {metrics['val_loss']:.4f}"
+        return line

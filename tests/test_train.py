@@ -1,0 +1,142 @@
+"""Training on Ray Train, on the session's real local Ray cluster: EP equivalence, exact
+resume, recovery from a killed worker, checkpoints on the local S3 server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from raymoe.config import load_config
+from raymoe.data.prepare import PrepareOptions, prepare
+from raymoe.train.launcher import ClusterTooSmallError, train_on_ray
+
+from conftest import REPO
+
+SMALL = ["model.seq_len=32", "model.d_model=32", "model.n_layer=2", "model.n_head=2",
+         "train.global_batch=8", "train.micro_batch=4", "train.log_every=1",
+         "train.eval_every=1000", "train.eval_batches=1", "optim.warmup_tokens=1000"]
+
+
+@pytest.fixture(scope="module")
+def dataset(ray_cluster, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("train-data") / "bytes"
+    prepare(PrepareOptions([str(REPO / "raymoe" / "sample" / "corpus")], str(out),
+                           tokenizer="bytes", seq_len=32, val_fraction=0.05, doc_chars=8000,
+                           docs_per_shard=16), log=lambda _: None)
+    return out
+
+
+def config(dataset: Path, storage: str, name: str, *overrides: str):
+    return load_config("tiny-moe8", [f"data.path={dataset}", f"train.storage={storage}",
+                                     f"train.run_name={name}", *SMALL, *overrides])
+
+
+def losses(storage: Path, name: str) -> dict[int, float]:
+    """Step -> LM loss from the run's metrics.jsonl (the last line of a step wins)."""
+    out = {}
+    for line in (storage / name / "metrics" / "metrics.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        if "lm_loss" in record:
+            out[record["step"]] = record["lm_loss"]
+    return out
+
+
+def final_cursor(result) -> dict:
+    manifest = json.loads((Path(result.checkpoint.path) / "manifest.json").read_text())
+    return manifest["extra"]["cursor"]
+
+
+def test_two_workers_with_ep_2_equal_one_worker(dataset, tmp_path):
+    common = ["train.max_steps=5", "model.moe.use_rts=false"]
+    one = config(dataset, str(tmp_path), "one", "parallel.num_workers=1", *common)
+    two = config(dataset, str(tmp_path), "two", "parallel.num_workers=2", "parallel.ep_size=2",
+                 *common)
+    assert one.train.global_batch == two.train.global_batch == 8
+    for cfg in (one, two):
+        assert train_on_ray(cfg).error is None
+    a, b = losses(tmp_path, "one"), losses(tmp_path, "two")
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
+    for step in a:
+        assert a[step] == pytest.approx(b[step], abs=1e-4), step
+    assert a[5] < a[1]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory):
+    storage = tmp_path_factory.mktemp("runs")
+    result = train_on_ray(config(dataset, str(storage), "full", "train.max_steps=12",
+                                 "train.checkpoint_every=3"))
+    assert result.error is None
+    return storage, losses(storage, "full"), final_cursor(result)
+
+
+def test_resume_continues_exactly(dataset, uninterrupted):
+    storage, expected, cursor = uninterrupted
+    first = train_on_ray(config(dataset, str(storage), "resumed", "train.max_steps=6",
+                                "train.checkpoint_every=3"))
+    assert first.metrics["step"] == 6
+    second = train_on_ray(config(dataset, str(storage), "resumed", "train.max_steps=12",
+                                 "train.checkpoint_every=3"))
+    assert second.error is None and second.metrics["step"] == 12
+    got = losses(storage, "resumed")
+    for step in range(7, 13):
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+    assert final_cursor(second) == cursor  # the same sequences, none twice
+
+
+def _kill_a_worker_after(metrics_file: Path, step: int, killed: list[int]) -> None:
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        if metrics_file.is_file() and any(json.loads(l).get("step", 0) >= step
+                                           for l in metrics_file.read_text().splitlines()):
+            for proc in psutil.process_iter(["pid", "cmdline"]):
+                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+                    killed.append(proc.info["pid"])
+                    return
+        time.sleep(0.02)
+
+
+def test_killed_worker_restarts_from_the_last_checkpoint(dataset, uninterrupted):
+    storage, expected, cursor = uninterrupted
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after,
+                              args=(storage / "faulty" / "metrics" / "metrics.jsonl", 4, killed))
+    killer.start()
+    result = train_on_ray(config(dataset, str(storage), "faulty", "train.max_steps=12",
+                                 "train.checkpoint_every=3", "train.max_failures=1"))
+    killer.join()
+    assert killed, "no worker was killed: the test did not test anything"
+    assert result.error is None and result.metrics["step"] == 12
+    assert result.metrics["lm_loss"] == pytest.approx(expected[12], abs=1e-5)
+    assert final_cursor(result) == cursor
+
+
+def test_checkpoints_to_s3_and_resumes_from_them(dataset, s3_server, tmp_path):
+    storage = f"s3://{s3_server['bucket']}/runs"
+    first = train_on_ray(config(dataset, storage, "on-s3", "train.max_steps=2",
+                                "train.checkpoint_every=2"))
+    assert first.checkpoint.path.endswith("on-s3/step-00000002")
+    fs = s3_server["fs"]
+    assert fs.get_file_info(f"{first.checkpoint.path}/manifest.json").size > 0
+    second = train_on_ray(config(dataset, storage, "on-s3", "train.max_steps=4",
+                                 "train.checkpoint_every=2"))
+    assert second.error is None and second.metrics["step"] == 4
+    steps = [json.loads(l)["step"] for l in (Path("runs") / "on-s3" / "metrics" /
+                                             "metrics.jsonl").read_text().splitlines()]
+    assert steps[-2:] == [3, 4]
+
+
+def test_too_many_workers_fail_fast_with_the_numbers(dataset, tmp_path):
+    cfg = config(dataset, str(tmp_path), "big", "parallel.num_workers=16",
+                 "train.global_batch=64")
+    with pytest.raises(ClusterTooSmallError, match=r"needs 8 CPUs \(16 workers x 0.5\); the "
+                                                   r"cluster has 4"):
+        train_on_ray(cfg)
