@@ -67,3 +67,14 @@ def test_round_trip_through_to_dict():
     cfg = load_config("gpt-350m-moe128")
     from raymoe.config import config_from_dict
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_shipped_job_configs_load_and_keep_the_recipe():
+    from pathlib import Path
+
+    configs = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
+    assert {p.stem for p in configs} >= set(PRESETS)
+    for path in configs:
+        cfg = load_config(str(path))
+        assert cfg == load_config(path.stem, [f"data.path={cfg.data.path}",
+                                              f"train.storage={cfg.train.storage}"])

@@ -152,6 +152,12 @@ class Trainer:
         return out
 
     def run(self) -> TrainSummary:
+        try:
+            return self._run()
+        finally:
+            self.reader.close()
+
+    def _run(self) -> TrainSummary:
         cfg, t = self.cfg, self.cfg.train
         tokens_per_step = t.global_batch * cfg.model.seq_len
         timer = StepTimer()

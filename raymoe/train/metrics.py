@@ -82,7 +82,7 @@ class MetricsWriter:
                 self.tensorboard.add_scalar(key, value, step)
         self.tensorboard.flush()
         with open(self.directory / "metrics.jsonl", "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
 
     def progress_line(self, step: int, metrics: dict[str, Any], cfg: TrainConfig, tokens: int) -> str:
         rate = metrics["tokens_per_s"]

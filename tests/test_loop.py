@@ -1,0 +1,52 @@
+"""The per-worker loop in one process (no Ray Train): non-finite steps are skipped, then
+stopped with the layer named, keeping the last good checkpoint; plain-file checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from raymoe.parallel.checkpoint import latest_checkpoint, step_directory
+from raymoe.train.loop import FileHooks, NonFiniteLossError, Trainer
+
+from test_train import config, dataset  # noqa: F401  (the module fixture)
+
+
+def make_trainer(cfg, run_dir, log=None) -> Trainer:
+    return Trainer(cfg, FileHooks(run_dir, keep=2, rank=0), torch.device("cpu"),
+                   metrics_dir=run_dir / "metrics", log=log or (lambda _: None))
+
+
+def test_non_finite_steps_are_skipped_then_stop_naming_the_layer(dataset, tmp_path):  # noqa: F811
+    cfg = config(dataset, str(tmp_path), "nan", "parallel.num_workers=1", "train.max_steps=2",
+                 "train.checkpoint_every=2", "train.nan_tolerance=3")
+    run_dir = tmp_path / "nan"
+    assert make_trainer(cfg, run_dir).run().step == 2
+    good = latest_checkpoint(run_dir)
+    assert good == step_directory(run_dir, 2)
+
+    cfg.train.max_steps = 10
+    lines: list[str] = []
+    trainer = make_trainer(cfg, run_dir, lines.append)
+    assert trainer.step == 2  # resumed
+    router = trainer.model.blocks[1].mlp.router.weight
+    with torch.no_grad():
+        router[0, 0] = float("nan")
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    with pytest.raises(NonFiniteLossError, match=r"stopping at step 5: 3 consecutive steps .*"
+                                                 r"MoE layer 0 \(blocks\.1\) l_aux is not finite"):
+        trainer.run()
+    assert sum("skipped, not finite" in line for line in lines) == 3
+    for name, param in trainer.model.named_parameters():  # skipped steps changed nothing
+        assert torch.equal(param, before[name]) or name == "blocks.1.mlp.router.weight", name
+    assert latest_checkpoint(run_dir) == good
+
+
+def test_file_hooks_keep_the_last_k_checkpoints(dataset, tmp_path):  # noqa: F811
+    cfg = config(dataset, str(tmp_path), "keep", "parallel.num_workers=1", "train.max_steps=6",
+                 "train.checkpoint_every=1", "train.eval_every=3")
+    summary = make_trainer(cfg, tmp_path / "keep").run()
+    assert summary.step == 6 and math.isfinite(summary.validation_loss)
+    assert sorted(p.name for p in (tmp_path / "keep").glob("step-*")) == ["step-00000005", "step-00000006"]
