@@ -12,7 +12,8 @@ from typing import Any, Iterator, Optional
 
 import ray
 import ray.train
-from ray.train import Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig, RunConfig, ScalingConfig
+from ray.train import (Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig,
+                       LoggingConfig, RunConfig, ScalingConfig)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raymoe.config import Config, config_from_dict
@@ -56,12 +57,17 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
 
     import logging
 
-    for noisy in ("ray.data", "ray.train"):  # keep the console to raymoe's progress lines
+    from ray.train.v2._internal.execution import context as train_context
+
+    # Keep the console to raymoe's lines: Ray Data's and each report's INFO logs go quiet
+    # (the report logger is named after its module's file).
+    for noisy in ("ray.data", train_context.__file__):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     ray.data.DataContext.get_current().enable_progress_bars = False
     cfg = config_from_dict(loop_config["config"])
     metrics_dir = Path(loop_config["metrics_dir"]) if loop_config["metrics_dir"] else None
-    Trainer(cfg, RayTrainHooks(), ray.train.torch.get_device(), metrics_dir).run()
+    log = logging.getLogger("raymoe").info  # Ray Train sends worker logs to the console once
+    Trainer(cfg, RayTrainHooks(), ray.train.torch.get_device(), metrics_dir, log=log).run()
 
 
 @dataclass
@@ -121,7 +127,8 @@ def train_on_ray(cfg: Config, wait_for_resources: bool = False) -> ray.train.Res
             name=where.name, storage_path=where.storage_path,
             storage_filesystem=s3_filesystem() if is_s3(cfg.train.storage) else None,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures)),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            logging_config=LoggingConfig(log_level="WARNING")),
     )
     print(f"run {where.name}: checkpoints in {where.uri}, metrics (TensorBoard, metrics.jsonl) "
           f"in {where.metrics_dir}")
