@@ -7,8 +7,11 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
-from raymoe.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the uploaded working_dir
+
+from raymoe.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["train", *sys.argv[1:], "--address", "auto"]))

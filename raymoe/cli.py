@@ -102,6 +102,52 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"trained a byte-level BPE of {tokenizer.vocab_size:,} tokens: {args.out}")
 
 
+def _jobs(args: argparse.Namespace):
+    import os
+
+    from raymoe.jobs import RaymoeJobs
+
+    return RaymoeJobs(args.address, token=args.token or os.environ.get("RAY_AUTH_TOKEN"))
+
+
+def cmd_submit(args: argparse.Namespace) -> None:
+    jobs = _jobs(args)
+    if args.kind == "train":
+        job_id = jobs.submit_train(args.args[0], args.args[1:], working_dir=args.working_dir,
+                                   entrypoint_num_gpus=args.entrypoint_gpus)
+    else:
+        job_id = jobs.submit(args.kind, args.args, working_dir=args.working_dir)
+    print(f"submitted {args.kind} job {job_id} to {args.address}")
+    if args.follow:
+        for chunk in jobs.follow(job_id):
+            print(chunk, end="")
+        print(f"job {job_id}: {jobs.status(job_id)}")
+
+
+def cmd_status(args: argparse.Namespace) -> None:
+    info = _jobs(args).info(args.job_id)
+    print(f"{info.job_id}: {info.status} ({info.kind} {info.config}) {info.message}".rstrip())
+
+
+def cmd_logs(args: argparse.Namespace) -> None:
+    jobs = _jobs(args)
+    if args.follow:
+        for chunk in jobs.follow(args.job_id):
+            print(chunk, end="")
+    else:
+        print(jobs.logs(args.job_id), end="")
+
+
+def cmd_stop(args: argparse.Namespace) -> None:
+    stopped = _jobs(args).stop(args.job_id)
+    print(f"{args.job_id}: {'stopping' if stopped else 'already finished'}")
+
+
+def cmd_jobs(args: argparse.Namespace) -> None:
+    for info in _jobs(args).list():
+        print(f"{info.job_id}  {info.status:9s}  {info.kind:8s}  {info.config:24s}  {info.run_dir}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymoe", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -145,6 +191,29 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     prep.set_defaults(func=cmd_prepare)
 
+    def job_command(name: str, help_text: str, func) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_text)
+        command.add_argument("--address", default="http://127.0.0.1:8265",
+                             help="the cluster's job server (through `ray dashboard` or a port-forward)")
+        command.add_argument("--token", default=None,
+                             help="the cluster's auth token (default: RAY_AUTH_TOKEN)")
+        command.set_defaults(func=func)
+        return command
+
+    submit = job_command("submit", "submit raymoe work to a Ray cluster as a Ray job", cmd_submit)
+    submit.add_argument("kind", choices=["train", "prepare"])
+    submit.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments")
+    submit.add_argument("--working-dir", default=".", help="uploaded as the job's working_dir")
+    submit.add_argument("--entrypoint-gpus", type=float, default=0)
+    submit.add_argument("--follow", action="store_true", help="stream the logs until it ends")
+    for name, help_text, func in (("status", "a job's status", cmd_status),
+                                  ("stop", "stop a job", cmd_stop)):
+        job_command(name, help_text, func).add_argument("job_id")
+    logs = job_command("logs", "a job's logs", cmd_logs)
+    logs.add_argument("job_id")
+    logs.add_argument("--follow", action="store_true")
+    job_command("jobs", "the cluster's raymoe jobs", cmd_jobs)
+
     tok = sub.add_parser("tokenizer", help="tokenizer tools").add_subparsers(dest="action", required=True)
     train_tok = tok.add_parser("train", help="train a byte-level BPE on a corpus")
     train_tok.add_argument("inputs", nargs="+")
@@ -162,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"raymoe: config error: {err}", file=sys.stderr)
         return 2
-    except (ValueError, OSError) as err:  # bad input: say what and where, no traceback
+    except (ValueError, OSError, RuntimeError) as err:  # say what and where, no traceback
         print(f"raymoe: {type(err).__name__}: {err}", file=sys.stderr)
         return 2
     return 0
