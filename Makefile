@@ -16,10 +16,12 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
-# Prepares the bundled sample once (runs/sample-bytes), then trains tiny-moe8 on 2 local
-# Ray workers and prints the final validation loss and where the run lives.
+# Prepares the bundled sample once (runs/sample-bytes), trains tiny-moe8 on 2 local Ray
+# workers (final validation loss and where the run lives), then runs the tiny
+# dense-versus-MoE study on Ray Tune (about 10 minutes) and prints its report.
 demo: $(STAMP)
 	$(VENV)/bin/raymoe demo
+	$(VENV)/bin/raymoe compare jobs/configs/study-tiny.yaml
 
 test: $(STAMP)
 	$(PY) -m pytest -q

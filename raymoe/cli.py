@@ -92,6 +92,18 @@ def cmd_prepare(args: argparse.Namespace) -> None:
                            docs_per_shard=args.docs_per_shard))
 
 
+def cmd_compare(args: argparse.Namespace) -> None:
+    from raymoe.compare import load_study, run_study
+
+    study = load_study(args.study)
+    connect_ray(args.address, num_cpus=4 if args.address is None else None)
+    report = run_study(study)
+    print(report.table())
+    for line in report.comparisons:
+        print(line)
+    print(f"report, plot and CSV in {study.directory}")
+
+
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     from raymoe.data.prepare import list_inputs, read_documents
     from raymoe.data.tokenizers import train_tokenizer
@@ -191,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     prep.set_defaults(func=cmd_prepare)
 
+    compare = sub.add_parser("compare", help="the dense-versus-MoE study (Ray Tune) and its report")
+    compare.add_argument("study", help="study YAML, e.g. jobs/configs/study-tiny.yaml")
+    compare.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    compare.set_defaults(func=cmd_compare)
+
     def job_command(name: str, help_text: str, func) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text)
         command.add_argument("--address", default="http://127.0.0.1:8265",
@@ -201,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     submit = job_command("submit", "submit raymoe work to a Ray cluster as a Ray job", cmd_submit)
-    submit.add_argument("kind", choices=["train", "prepare"])
+    submit.add_argument("kind", choices=["train", "prepare", "compare"])
     submit.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments")
     submit.add_argument("--working-dir", default=".", help="uploaded as the job's working_dir")
     submit.add_argument("--entrypoint-gpus", type=float, default=0)

@@ -20,6 +20,7 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 KINDS = {
     "train": ["python", "-m", "raymoe.cli", "train"],
     "prepare": ["python", "-m", "raymoe.cli", "prepare"],
+    "compare": ["python", "-m", "raymoe.cli", "compare"],
 }
 """What each kind of job runs; ``python -m`` puts the uploaded working_dir on sys.path."""
 

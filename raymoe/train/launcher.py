@@ -112,8 +112,10 @@ def check_cluster_fits(cfg: Config, wait: bool) -> None:
     print(f"waiting: {message}; Ray will start the workers when the cluster has grown")
 
 
-def train_on_ray(cfg: Config, wait_for_resources: bool = False) -> ray.train.Result:
-    """Run (or resume: same run name and storage) a training on the connected cluster."""
+def train_on_ray(cfg: Config, wait_for_resources: bool = False,
+                 callbacks: Optional[list] = None) -> ray.train.Result:
+    """Run (or resume: same run name and storage) a training on the connected cluster.
+    ``callbacks`` go to the RunConfig (a Tune trial passes TuneReportCallback)."""
     check_cluster_fits(cfg, wait_for_resources)
     where = run_location(cfg)
     par = cfg.parallel
@@ -128,7 +130,7 @@ def train_on_ray(cfg: Config, wait_for_resources: bool = False) -> ray.train.Res
             storage_filesystem=s3_filesystem() if is_s3(cfg.train.storage) else None,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING")),
+            logging_config=LoggingConfig(log_level="WARNING"), callbacks=callbacks),
     )
     print(f"run {where.name}: checkpoints in {where.uri}, metrics (TensorBoard, metrics.jsonl) "
           f"in {where.metrics_dir}")
