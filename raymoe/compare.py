@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +21,7 @@ from typing import Any, Optional
 import yaml
 
 from raymoe.config import ConfigError, load_config
+from raymoe.data.storage import is_s3
 
 STUDY_KEYS = {"name", "storage", "data", "tokens", "models", "seeds", "max_concurrent_trials",
               "overrides", "asha"}
@@ -81,11 +83,17 @@ def load_study(path: str) -> Study:
         if not isinstance(m, dict) or "name" not in m or "config" not in m:
             raise ConfigError(f"{path}: models[{i}] needs 'name' and 'config'")
         models.append(ModelSpec(m["name"], m["config"], list(m.get("overrides", []))))
-    return Study(name=raw["name"], storage=raw.get("storage", "runs"), data=raw["data"],
+    return Study(name=raw["name"], storage=_absolute(raw.get("storage", "runs")),
+                 data=_absolute(raw["data"]),
                  tokens=int(float(raw["tokens"])), models=models,
                  seeds=list(raw.get("seeds", [1234])),
                  max_concurrent_trials=int(raw.get("max_concurrent_trials", 1)),
                  overrides=list(raw.get("overrides", [])), asha=raw.get("asha"))
+
+
+def _absolute(uri: str) -> str:
+    """Local paths as absolute ones: Tune runs each trial in a directory of its own."""
+    return uri if is_s3(uri) else os.path.abspath(os.path.expanduser(uri))
 
 
 def _trial(trial: dict[str, Any]) -> None:

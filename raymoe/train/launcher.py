@@ -4,6 +4,7 @@ connect the per-worker loop to ray.train.report / get_checkpoint."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import tempfile
 from dataclasses import dataclass
@@ -117,6 +118,9 @@ def train_on_ray(cfg: Config, wait_for_resources: bool = False,
     """Run (or resume: same run name and storage) a training on the connected cluster.
     ``callbacks`` go to the RunConfig (a Tune trial passes TuneReportCallback)."""
     check_cluster_fits(cfg, wait_for_resources)
+    if cfg.data.path and not is_s3(cfg.data.path):  # workers do not share the driver's cwd
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(
+            cfg.data, path=os.path.abspath(os.path.expanduser(cfg.data.path))))
     where = run_location(cfg)
     par = cfg.parallel
     trainer = TorchTrainer(
