@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 
 # Prepares the bundled sample once (runs/sample-bytes), trains tiny-moe8 on 2 local Ray
 # workers (final validation loss and where the run lives), then runs the tiny
-# dense-versus-MoE study on Ray Tune (about 10 minutes) and prints its report.
+# dense-versus-MoE study on Ray Tune (about 20 minutes) and prints its report.
 demo: $(STAMP)
 	$(VENV)/bin/raymoe demo
 	$(VENV)/bin/raymoe compare jobs/configs/study-tiny.yaml
