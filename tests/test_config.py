@@ -63,6 +63,19 @@ def test_bad_yaml_names_the_file(tmp_path):
         load_config(str(path))
 
 
+def test_shipped_studies_load(monkeypatch):
+    from pathlib import Path
+
+    from raymoe.compare import load_study
+
+    repo = Path(__file__).parents[1]
+    monkeypatch.chdir(repo)  # studies name their model configs relative to the repository
+    for path in sorted((repo / "jobs" / "configs").glob("study-*.yaml")):
+        study = load_study(str(path))
+        for trial in study.trials():
+            load_config(trial["config"], trial["overrides"])
+
+
 def test_round_trip_through_to_dict():
     cfg = load_config("gpt-350m-moe128")
     from raymoe.config import config_from_dict
@@ -72,7 +85,8 @@ def test_round_trip_through_to_dict():
 def test_shipped_job_configs_load_and_keep_the_recipe():
     from pathlib import Path
 
-    configs = sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
+    configs = [p for p in sorted((Path(__file__).parents[1] / "jobs" / "configs").glob("*.yaml"))
+               if not p.name.startswith("study-")]
     assert {p.stem for p in configs} >= set(PRESETS)
     for path in configs:
         cfg = load_config(str(path))
