@@ -220,7 +220,7 @@ class Report:
         plt.close(fig)
 
 
-def _outcome(study: Study, trial: dict[str, Any], error: str) -> TrialOutcome:
+def _outcome(trial: dict[str, Any], error: str) -> TrialOutcome:
     import torch
 
     from raymoe.model import GPT
@@ -306,6 +306,6 @@ def _dense_equivalent(dense: list[ModelRow], loss: float) -> Optional[float]:
 
 
 def build_report(study: Study, errors: dict[str, str]) -> Report:
-    trials = [_outcome(study, t, errors.get(t["name"], "")) for t in study.trials()]
+    trials = [_outcome(t, errors.get(t["name"], "")) for t in study.trials()]
     rows = _model_rows(trials, study)
     return Report(study.name, trials, rows, _comparisons(rows))

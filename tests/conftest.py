@@ -77,3 +77,15 @@ def ray_cluster(s3_server, tmp_path_factory):
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield context
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def dataset(ray_cluster, tmp_path_factory) -> Path:
+    """The bundled sample, prepared with the byte tokenizer at seq_len 32, for training."""
+    from raymoe.data.prepare import PrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("train-data") / "bytes"
+    prepare(PrepareOptions([str(REPO / "raymoe" / "sample" / "corpus")], str(out),
+                           tokenizer="bytes", seq_len=32, val_fraction=0.05, doc_chars=8000,
+                           docs_per_shard=16), log=lambda _: None)
+    return out

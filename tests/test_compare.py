@@ -10,10 +10,9 @@ import yaml
 
 from raymoe.compare import load_study, run_study
 
-from test_train import dataset  # noqa: F401  (the module fixture)
 
 
-def test_tiny_study_writes_plot_csv_and_table(dataset, tmp_path):  # noqa: F811
+def test_tiny_study_writes_plot_csv_and_table(dataset, tmp_path):
     study_file = tmp_path / "study.yaml"
     study_file.write_text(yaml.safe_dump({
         "name": "mini", "storage": str(tmp_path / "runs"), "data": str(dataset), "tokens": 2048,

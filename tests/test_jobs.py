@@ -19,7 +19,6 @@ import pytest
 from raymoe.jobs import JobError, RaymoeJobs
 
 from conftest import REPO, free_port
-from test_train import dataset  # noqa: F401  (the module fixture)
 
 BIN = Path(sys.executable).parent
 
@@ -60,7 +59,7 @@ def ray_job_cli(head, command: str, *args: str) -> str:
     return out.stdout + out.stderr
 
 
-def test_submit_follow_list_and_stop_jobs(ray_head, dataset, tmp_path, monkeypatch):  # noqa: F811
+def test_submit_follow_list_and_stop_jobs(ray_head, dataset, tmp_path, monkeypatch):
     aws_secret = secrets.token_hex(20)  # in the submitter's environment, as a user's would be
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", aws_secret)
     monkeypatch.setenv("RAY_AUTH_TOKEN", ray_head["token"])

@@ -11,7 +11,7 @@ import torch
 from raymoe.parallel.checkpoint import latest_checkpoint, step_directory
 from raymoe.train.loop import FileHooks, NonFiniteLossError, Trainer
 
-from test_train import config, dataset  # noqa: F401  (the module fixture)
+from test_train import config
 
 
 def make_trainer(cfg, run_dir, log=None) -> Trainer:
@@ -19,7 +19,7 @@ def make_trainer(cfg, run_dir, log=None) -> Trainer:
                    metrics_dir=run_dir / "metrics", log=log or (lambda _: None))
 
 
-def test_non_finite_steps_are_skipped_then_stop_naming_the_layer(dataset, tmp_path):  # noqa: F811
+def test_non_finite_steps_are_skipped_then_stop_naming_the_layer(dataset, tmp_path):
     cfg = config(dataset, str(tmp_path), "nan", "parallel.num_workers=1", "train.max_steps=2",
                  "train.checkpoint_every=2", "train.nan_tolerance=3")
     run_dir = tmp_path / "nan"
@@ -44,7 +44,7 @@ def test_non_finite_steps_are_skipped_then_stop_naming_the_layer(dataset, tmp_pa
     assert latest_checkpoint(run_dir) == good
 
 
-def test_file_hooks_keep_the_last_k_checkpoints(dataset, tmp_path):  # noqa: F811
+def test_file_hooks_keep_the_last_k_checkpoints(dataset, tmp_path):
     cfg = config(dataset, str(tmp_path), "keep", "parallel.num_workers=1", "train.max_steps=6",
                  "train.checkpoint_every=1", "train.eval_every=3")
     summary = make_trainer(cfg, tmp_path / "keep").run()

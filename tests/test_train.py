@@ -14,23 +14,12 @@ import psutil
 import pytest
 
 from raymoe.config import load_config
-from raymoe.data.prepare import PrepareOptions, prepare
 from raymoe.train.launcher import ClusterTooSmallError, train_on_ray
 
-from conftest import REPO
 
 SMALL = ["model.seq_len=32", "model.d_model=32", "model.n_layer=2", "model.n_head=2",
          "train.global_batch=8", "train.micro_batch=4", "train.log_every=1",
          "train.eval_every=1000", "train.eval_batches=1", "optim.warmup_tokens=1000"]
-
-
-@pytest.fixture(scope="module")
-def dataset(ray_cluster, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("train-data") / "bytes"
-    prepare(PrepareOptions([str(REPO / "raymoe" / "sample" / "corpus")], str(out),
-                           tokenizer="bytes", seq_len=32, val_fraction=0.05, doc_chars=8000,
-                           docs_per_shard=16), log=lambda _: None)
-    return out
 
 
 def config(dataset: Path, storage: str, name: str, *overrides: str):

@@ -25,7 +25,7 @@ import numpy as np
 
 from raymoe.data.shards import (FORMAT, MANIFEST, SPLITS, DatasetError, encode_shard, sha256,
                                 token_dtype)
-from raymoe.data.storage import StorageError, is_s3, locate
+from raymoe.data.storage import StorageError, locate
 from raymoe.data.text import decode_text, strip_gutenberg
 from raymoe.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_from_json
 from raymoe.errors import find_cause
