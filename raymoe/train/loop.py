@@ -119,7 +119,7 @@ class Trainer:
                 return None
             extra = load_checkpoint(directory, self.model, self.mesh, self.optimizer)
             rank_state = load_rank_state(directory, self.mesh)
-        if extra.get("model") != self.cfg.to_dict()["model"]:
+        if extra["config"]["model"] != self.cfg.to_dict()["model"]:
             self.log(f"note: resuming from {directory} whose model config differs in non-shape "
                      "settings; using the current config")
         self.step, self.tokens, self.skipped = extra["step"], extra["tokens"], extra["skipped"]
@@ -142,14 +142,14 @@ class Trainer:
         t = self.cfg.train
         return (t.max_steps and self.step >= t.max_steps) or self.tokens >= t.total_tokens
 
+    def _next_batch(self, reader: SequenceReader) -> tuple[torch.Tensor, torch.Tensor]:
+        """(inputs, targets) of one micro-batch on the device, cut to model.seq_len."""
+        rows = torch.from_numpy(reader.next_batch(self.cfg.train.micro_batch).astype("int64"))
+        rows = rows[:, :self.cfg.model.seq_len + 1].to(self.device, non_blocking=True)
+        return rows[:, :-1], rows[:, 1:]
+
     def _micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        seq = self.cfg.model.seq_len
-        out = []
-        for _ in range(self.accumulation):
-            rows = torch.from_numpy(self.reader.next_batch(self.cfg.train.micro_batch).astype("int64"))
-            rows = rows[:, :seq + 1].to(self.device, non_blocking=True)
-            out.append((rows[:, :-1], rows[:, 1:]))
-        return out
+        return [self._next_batch(self.reader) for _ in range(self.accumulation)]
 
     def run(self) -> TrainSummary:
         try:
@@ -233,14 +233,13 @@ class Trainer:
                 self.log(f"no validation: {err}")
             self.model.train()
             return float("nan")
+        dtype = autocast_dtype(self.device)
         with reader:
-            seq = self.cfg.model.seq_len
             for _ in range(self.cfg.train.eval_batches):
-                rows = torch.from_numpy(reader.next_batch(self.cfg.train.micro_batch).astype("int64"))
-                rows = rows[:, :seq + 1].to(self.device)
-                with torch.autocast(self.device.type, dtype=autocast_dtype(self.device) or torch.float32,
-                                    enabled=autocast_dtype(self.device) is not None):
-                    total += torch.stack([self.model(rows[:, :-1], rows[:, 1:]).lm_loss.float(),
+                inputs, targets = self._next_batch(reader)
+                with torch.autocast(self.device.type, dtype=dtype or torch.float32,
+                                    enabled=dtype is not None):
+                    total += torch.stack([self.model(inputs, targets).lm_loss.float(),
                                           torch.ones((), device=self.device)])
         if self.mesh.is_distributed:
             dist.all_reduce(total)
@@ -250,8 +249,7 @@ class Trainer:
     def save(self) -> Path:
         directory = self.hooks.new_checkpoint_dir(self.step)
         extra = {"step": self.step, "tokens": self.tokens, "skipped": self.skipped,
-                 "cursor": self.reader.cursor.to_dict(), "config": self.cfg.to_dict(),
-                 "model": self.cfg.to_dict()["model"]}
+                 "cursor": self.reader.cursor.to_dict(), "config": self.cfg.to_dict()}
         rank_state = {"torch": torch.get_rng_state(),
                       "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         save_checkpoint(directory, self.model, self.mesh, self.optimizer, extra=extra,
