@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 from raymoe.config import ConfigError, load_config
+from raymoe.jobs import KINDS
 
 SAMPLE_CORPUS = Path(__file__).parent / "sample" / "corpus"
 
@@ -114,6 +116,79 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
     print(f"trained a byte-level BPE of {tokenizer.vocab_size:,} tokens: {args.out}")
 
 
+def cmd_eval(args: argparse.Namespace) -> None:
+    from raymoe.eval.harness import EvalOptions
+    from raymoe.eval.runner import evaluate_checkpoint
+    from raymoe.eval.tasks import REFERENCE_TASKS
+
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else list(REFERENCE_TASKS)
+    files = dict(_key_value(item, "--task-file") for item in args.task_file)
+    options = EvalOptions(tasks, args.data_dir, files, args.limit, args.batch_size,
+                          use_cache=not args.no_cache, max_new_tokens=args.max_new_tokens)
+    workers = 0
+    if args.ray:
+        import ray
+
+        connect_ray(args.address)
+        workers = args.workers or max(int(ray.cluster_resources().get("CPU", 1) // args.cpus_per_worker), 1)
+        print(f"scoring on {workers} Ray workers of {args.cpus_per_worker:g} CPU", file=sys.stderr)
+    results = evaluate_checkpoint(args.checkpoint, options, workers=workers,
+                                  cpus_per_worker=args.cpus_per_worker, tokenizer=args.tokenizer,
+                                  device=args.device)
+    print(results.table())
+    out = args.out or f"eval-step{results.step}.json"
+    results.save(out)
+    print(f"{results.checkpoint} (step {results.step}): {results.seconds:.1f}s; results in {out}")
+
+
+def _key_value(item: str, flag: str) -> tuple[str, str]:
+    key, sep, value = item.partition("=")
+    if not sep or not key or not value:
+        raise ValueError(f"{flag} {item!r}: expected NAME=PATH")
+    return key, value
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import time
+
+    import torch
+
+    from raymoe.eval.loading import load_model
+    from raymoe.model.generation import Sampling, generate
+
+    loaded = load_model(args.checkpoint, args.device, args.tokenizer)
+    sampling = Sampling(0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
+    tokenizer = loaded.tokenizer
+    prompt = tokenizer.encode_batch([args.prompt])[0] or [tokenizer.eot_id]
+    generator = torch.Generator(device=args.device).manual_seed(args.seed)
+    start = time.monotonic()
+    outputs = generate(loaded.model, [prompt] * args.num_samples, args.max_new_tokens, sampling,
+                       use_cache=not args.no_cache, generator=generator,
+                       is_done=lambda new: new[-1] == tokenizer.eot_id)
+    seconds = time.monotonic() - start
+    for i, tokens in enumerate(outputs):
+        if args.num_samples > 1:
+            print(f"--- sample {i + 1}")
+        print(args.prompt + tokenizer.decode(t for t in tokens if t != tokenizer.eot_id))
+    count = sum(len(t) for t in outputs)
+    print(f"{count} tokens in {seconds:.2f}s ({count / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    import torch
+
+    from raymoe.eval.export import export
+    from raymoe.eval.loading import load_model
+
+    loaded = load_model(args.checkpoint, "cpu", args.tokenizer)
+    out = export(loaded, args.out, getattr(torch, args.dtype), int(args.max_shard_gb * 2**30))
+    kind = "raymoe MoE safetensors" if loaded.config.model.moe.enabled else "Hugging Face GPT-2"
+    print(f"exported {loaded.directory} (step {loaded.step}) as {kind}: {out}")
+    if loaded.tokenizer.spec == "bytes":
+        print("note: a byte-level model has no Hugging Face tokenizer; feed it UTF-8 bytes "
+              f"(end of text = {loaded.tokenizer.eot_id})")
+
+
 def _jobs(args: argparse.Namespace):
     import os
 
@@ -208,6 +283,56 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     compare.set_defaults(func=cmd_compare)
 
+    evaluate = sub.add_parser("eval", help="zero-shot evaluation of a checkpoint (LAMBADA, PIQA, "
+                                           "BoolQ, RACE-h, TriviaQA, WebQuestions, or your own)")
+    evaluate.add_argument("checkpoint", help="checkpoint or run directory (local or s3://)")
+    evaluate.add_argument("--tasks", default=None,
+                          help="comma-separated: lambada,piqa,boolq,race_h,triviaqa,webqs or the "
+                               "name of a {query, choices, gold} jsonl task (default: the six)")
+    evaluate.add_argument("--data-dir", default=os.environ.get("RAYMOE_EVAL_DATA"),
+                          help="directory laid out as the published sets (default: RAYMOE_EVAL_DATA)")
+    evaluate.add_argument("--task-file", action="append", default=[], metavar="NAME=PATH",
+                          help="a task's file (repeatable); overrides --data-dir")
+    evaluate.add_argument("--limit", type=int, default=None, help="first N examples of each task")
+    evaluate.add_argument("--batch-size", type=int, default=16)
+    evaluate.add_argument("--max-new-tokens", type=int, default=32, help="for triviaqa and webqs")
+    evaluate.add_argument("--no-cache", action="store_true",
+                          help="score choices without sharing the context's KV cache")
+    evaluate.add_argument("--out", default=None, help="results JSON (default: eval-stepN.json)")
+    evaluate.add_argument("--ray", action="store_true", help="spread the examples over Ray workers")
+    evaluate.add_argument("--workers", type=int, default=0,
+                          help="with --ray: how many (default: the cluster's CPUs / --cpus-per-worker)")
+    evaluate.add_argument("--cpus-per-worker", type=float, default=1.0)
+    evaluate.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    evaluate.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer")
+    evaluate.add_argument("--device", default="cpu", help="cpu or cuda")
+    evaluate.set_defaults(func=cmd_eval)
+
+    gen = sub.add_parser("generate", help="generate text from a checkpoint (KV cache)")
+    gen.add_argument("checkpoint", help="checkpoint or run directory (local or s3://)")
+    gen.add_argument("prompt")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--temperature", type=float, default=0.8)
+    gen.add_argument("--top-k", type=int, default=0, help="0: no top-k filter")
+    gen.add_argument("--top-p", type=float, default=1.0, help="1.0: no nucleus filter")
+    gen.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    gen.add_argument("--num-samples", type=int, default=1)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--no-cache", action="store_true", help="recompute every step (slow)")
+    gen.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer")
+    gen.add_argument("--device", default="cpu")
+    gen.set_defaults(func=cmd_generate)
+
+    exp = sub.add_parser("export", help="a checkpoint as safetensors: dense as a Hugging Face "
+                                        "GPT-2 directory, MoE in raymoe's documented layout")
+    exp.add_argument("checkpoint", help="checkpoint or run directory (local or s3://)")
+    exp.add_argument("--format", choices=["hf"], default="hf")
+    exp.add_argument("--out", required=True, help="output directory")
+    exp.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    exp.add_argument("--max-shard-gb", type=float, default=5.0)
+    exp.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer")
+    exp.set_defaults(func=cmd_export)
+
     def job_command(name: str, help_text: str, func) -> argparse.ArgumentParser:
         command = sub.add_parser(name, help=help_text)
         command.add_argument("--address", default="http://127.0.0.1:8265",
@@ -218,7 +343,7 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     submit = job_command("submit", "submit raymoe work to a Ray cluster as a Ray job", cmd_submit)
-    submit.add_argument("kind", choices=["train", "prepare", "compare"])
+    submit.add_argument("kind", choices=sorted(KINDS))
     submit.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments")
     submit.add_argument("--working-dir", default=".", help="uploaded as the job's working_dir")
     submit.add_argument("--entrypoint-gpus", type=float, default=0)

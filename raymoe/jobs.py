@@ -21,6 +21,7 @@ KINDS = {
     "train": ["python", "-m", "raymoe.cli", "train"],
     "prepare": ["python", "-m", "raymoe.cli", "prepare"],
     "compare": ["python", "-m", "raymoe.cli", "compare"],
+    "eval": ["python", "-m", "raymoe.cli", "eval", "--ray"],
 }
 """What each kind of job runs; ``python -m`` puts the uploaded working_dir on sys.path."""
 
@@ -80,7 +81,7 @@ class RaymoeJobs:
             runtime_env.update(working_dir=working_dir, excludes=UPLOAD_EXCLUDES)
         if pip:
             runtime_env["pip"] = pip
-        config = args[0] if kind == "train" and args else ""
+        config = args[0] if kind in ("train", "eval") and args else ""  # config / checkpoint
         metadata = {"raymoe": "1", "kind": kind, "config": config, "run_dir": run_dir}
         deadline = time.monotonic() + AGENT_WAIT_S
         while True:

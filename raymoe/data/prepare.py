@@ -27,7 +27,7 @@ from raymoe.data.shards import (FORMAT, MANIFEST, SPLITS, DatasetError, encode_s
                                 token_dtype)
 from raymoe.data.storage import StorageError, locate
 from raymoe.data.text import decode_text, strip_gutenberg
-from raymoe.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_from_json
+from raymoe.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_from_json
 from raymoe.errors import find_cause
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
@@ -215,7 +215,7 @@ def prepare(options: PrepareOptions, log: Callable[[str], None] = print) -> dict
         if manifest_file.exists():
             manifest_file.delete()  # a failure below must not leave the old manifest pointing here
         if json_text:
-            root.join("tokenizer.json").write_bytes(json_text.encode())
+            root.join(TOKENIZER_FILE).write_bytes(json_text.encode())
     except StorageError as err:
         raise PrepareError(str(err)) from err
     dtype = token_dtype(tokenizer.vocab_size)
@@ -251,7 +251,7 @@ def prepare(options: PrepareOptions, log: Callable[[str], None] = print) -> dict
     if not totals["train"]["sequences"]:
         raise PrepareError(f"no training sequence of {options.seq_len + 1} tokens could be packed "
                            f"from {len(files)} files; no manifest written")
-    manifest = {"format": FORMAT, "tokenizer": "tokenizer.json" if json_text else tokenizer.spec,
+    manifest = {"format": FORMAT, "tokenizer": TOKENIZER_FILE if json_text else tokenizer.spec,
                 "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
                 "seq_len": options.seq_len, "dtype": dtype.name, "seed": options.seed,
                 "val_fraction": options.val_fraction, "doc_chars": options.doc_chars,

@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raymoe.data.storage import Location, locate
-from raymoe.data.tokenizers import Tokenizer, load_tokenizer, tokenizer_from_json
+from raymoe.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_from_json
 
 FORMAT = "raymoe-dataset/1"
 MANIFEST = "manifest.json"
@@ -110,7 +110,7 @@ class PreparedDataset:
 
     def tokenizer(self) -> Tokenizer:
         spec = self.manifest["tokenizer"]
-        if spec == "tokenizer.json":
+        if spec == TOKENIZER_FILE:
             return tokenizer_from_json(self.root.join(spec).read_bytes().decode())
         return load_tokenizer(spec)
 

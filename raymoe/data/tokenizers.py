@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Iterable, Protocol
 
 EOT = "<|endoftext|>"
+TOKENIZER_FILE = "tokenizer.json"
+"""The name of a trained tokenizer stored next to the data or checkpoint that uses it."""
 GPT2_FILES = Path(__file__).parent / "gpt2"
 
 
@@ -83,7 +85,7 @@ def load_tokenizer(spec: str) -> Tokenizer:
     return tokenizer_from_json(path.read_text(), str(path))
 
 
-def tokenizer_from_json(text: str, spec: str = "tokenizer.json") -> BPETokenizer:
+def tokenizer_from_json(text: str, spec: str = TOKENIZER_FILE) -> BPETokenizer:
     """A BPE from the content of a tokenizer.json (so tasks on other nodes need no file)."""
     from tokenizers import Tokenizer as HFTokenizer
 

@@ -16,7 +16,17 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from raymoe.config import ModelConfig
+from raymoe.model.kv_cache import KVCache
 from raymoe.model.moe import ExpertExchange, MoELayer, MoEStats, is_expert_parameter
+
+
+@dataclass
+class LayerCache:
+    """One layer's view of a KVCache during one forward."""
+
+    kv: KVCache
+    layer: int
+    mask: Tensor
 
 
 class CausalSelfAttention(nn.Module):
@@ -27,13 +37,17 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None) -> Tensor:
         batch, seq, dim = x.shape
         q, k, v = self.qkv(x).split(dim, dim=2)
         q, k, v = (t.view(batch, seq, self.n_head, dim // self.n_head).transpose(1, 2)
                    for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if cache is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:
+            k, v = cache.kv.store(cache.layer, k.to(cache.kv.keys.dtype), v.to(cache.kv.keys.dtype))
+            y = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=cache.mask)
         return self.proj(y.transpose(1, 2).reshape(batch, seq, dim))
 
 
@@ -58,8 +72,8 @@ class Block(nn.Module):
                                if self.is_moe else MLP(cfg))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Optional[MoEStats]]:
-        x = x + self.drop(self.attn(self.ln_1(x)))
+    def forward(self, x: Tensor, cache: Optional[LayerCache] = None) -> tuple[Tensor, Optional[MoEStats]]:
+        x = x + self.drop(self.attn(self.ln_1(x), cache))
         if self.is_moe:
             out, stats = self.mlp(self.ln_2(x))
         else:
@@ -120,21 +134,32 @@ class GPT(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.mlp for b in self.blocks if b.is_moe]
 
-    def forward(self, idx: Tensor, targets: Optional[Tensor] = None) -> GPTOutput:
+    def forward(self, idx: Tensor, targets: Optional[Tensor] = None,
+                cache: Optional[KVCache] = None) -> GPTOutput:
+        """``cache``: attend to its keys and values too, store this call's, and advance it
+        (incremental decoding; its left padding is masked and not counted in positions)."""
         batch, seq = idx.shape
-        if seq > self.cfg.seq_len:
-            raise ValueError(f"sequence of {seq} tokens exceeds model.seq_len={self.cfg.seq_len}")
+        start = cache.length if cache is not None else 0
+        if start + seq > self.cfg.seq_len:
+            raise ValueError(f"sequence of {start + seq} tokens exceeds model.seq_len={self.cfg.seq_len}")
         check_token_ids(idx, self.cfg.vocab_size, "input")
-        positions = torch.arange(seq, device=idx.device)
+        if cache is None:
+            positions = torch.arange(seq, device=idx.device)
+        else:
+            positions = cache.positions(seq)
+            mask = cache.attention_mask(seq)
         x = self.drop(self.wte(idx) + self.wpe(positions))
         stats: list[MoEStats] = []
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            layer_cache = LayerCache(cache, i, mask) if cache is not None else None
             if self.cfg.activation_checkpointing and self.training:
-                x, layer_stats = checkpoint(block, x, use_reentrant=False)
+                x, layer_stats = checkpoint(block, x, layer_cache, use_reentrant=False)
             else:
-                x, layer_stats = block(x)
+                x, layer_stats = block(x, layer_cache)
             if layer_stats is not None:
                 stats.append(layer_stats)
+        if cache is not None:
+            cache.advance(seq)
         logits = F.linear(self.ln_f(x), self.wte.weight)
         if targets is None:
             return GPTOutput(logits=logits, moe_stats=stats)
@@ -146,6 +171,13 @@ class GPT(nn.Module):
         moe = self.cfg.moe
         loss = lm_loss + moe.loss_coef * l_aux + moe.z_loss_coef * z_loss
         return GPTOutput(logits, lm_loss, l_aux, z_loss, loss, stats)
+
+    def new_cache(self, batch: int, max_len: int, pad: Optional[Tensor] = None,
+                  dtype: Optional[torch.dtype] = None) -> KVCache:
+        """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens."""
+        cfg = self.cfg
+        return KVCache(cfg.n_layer, batch, cfg.n_head, cfg.d_model // cfg.n_head, max_len,
+                       dtype or self.wte.weight.dtype, self.wte.weight.device, pad)
 
     def num_parameters(self, active_only: bool = False) -> int:
         """All parameters of the full model (every expert, whatever this rank holds), or

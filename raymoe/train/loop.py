@@ -19,6 +19,7 @@ import torch.distributed as dist
 from raymoe.config import Config
 from raymoe.data.shards import DatasetError, PreparedDataset
 from raymoe.data.stream import Cursor, SequenceReader
+from raymoe.data.tokenizers import TOKENIZER_FILE
 from raymoe.model import GPT
 from raymoe.parallel import Mesh
 from raymoe.parallel.checkpoint import (latest_checkpoint, load_checkpoint, load_rank_state,
@@ -248,8 +249,12 @@ class Trainer:
 
     def save(self) -> Path:
         directory = self.hooks.new_checkpoint_dir(self.step)
+        tokenizer = self.dataset.manifest["tokenizer"]
+        if tokenizer == TOKENIZER_FILE and self.rank == 0:  # the checkpoint is self-contained
+            (directory / TOKENIZER_FILE).write_bytes(self.dataset.root.join(TOKENIZER_FILE).read_bytes())
         extra = {"step": self.step, "tokens": self.tokens, "skipped": self.skipped,
-                 "cursor": self.reader.cursor.to_dict(), "config": self.cfg.to_dict()}
+                 "cursor": self.reader.cursor.to_dict(), "config": self.cfg.to_dict(),
+                 "tokenizer": tokenizer}
         rank_state = {"torch": torch.get_rng_state(),
                       "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         save_checkpoint(directory, self.model, self.mesh, self.optimizer, extra=extra,

@@ -1,0 +1,1 @@
+"""Zero-shot evaluation of raymoe checkpoints, text generation and export."""

@@ -1,0 +1,166 @@
+"""Batched log-likelihood scoring and greedy generation with a GPT and its tokenizer.
+
+Token pairs follow lm-evaluation-harness: the context is encoded alone, the continuation is
+what encoding context + continuation adds after it, and an input too long for the model
+loses tokens on the left. Log-probabilities are over the tokenizer's vocabulary (the
+embedding's padding rows are not tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from raymoe.data.tokenizers import Tokenizer
+from raymoe.model import GPT
+from raymoe.model.generation import Sampling, generate, left_pad
+
+
+@dataclass(frozen=True)
+class Score:
+    logprob: float
+    """Sum of the continuation tokens' log-probabilities."""
+    greedy: bool
+    """Whether every continuation token is the model's argmax."""
+
+
+TokenPair = tuple[list[int], list[int]]
+
+
+class Scorer:
+    def __init__(self, model: GPT, tokenizer: Tokenizer, batch_size: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"batch_size={batch_size}: expected >= 1")
+        self.model, self.tokenizer, self.batch_size = model, tokenizer, batch_size
+        self.max_len = model.cfg.seq_len
+        self.vocab = tokenizer.vocab_size
+        self.device = model.wte.weight.device
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer.encode_batch(texts)
+
+    def encode_pairs(self, pairs: list[tuple[str, str]]) -> list[TokenPair]:
+        """(context, continuation) texts -> token ids; trailing spaces of the context move
+        to the continuation, an empty context becomes the end-of-text token."""
+        moved = []
+        for context, continuation in pairs:
+            spaces = len(context) - len(context.rstrip())
+            if spaces:
+                context, continuation = context[:-spaces], context[-spaces:] + continuation
+            moved.append((context, continuation))
+        contexts = self.encode([c for c, _ in moved])
+        wholes = self.encode([c + k for c, k in moved])
+        encoded = []
+        for context_ids, whole in zip(contexts, wholes):
+            continuation_ids = whole[len(context_ids):]
+            if not continuation_ids:
+                raise ValueError("a continuation encodes to no tokens")
+            encoded.append((context_ids or [self.tokenizer.eot_id], continuation_ids))
+        return encoded
+
+    def _log_probs(self, logits: Tensor) -> Tensor:
+        return logits[..., :self.vocab].float().log_softmax(dim=-1)
+
+    @staticmethod
+    def _score(log_probs: Tensor, targets: list[int]) -> Score:
+        """log_probs: (len(targets), vocab), row i predicting targets[i]."""
+        target = torch.tensor(targets, device=log_probs.device)
+        picked = log_probs.gather(1, target.unsqueeze(1)).sum()
+        return Score(float(picked), bool((log_probs.argmax(dim=1) == target).all()))
+
+    def _batches(self, lengths: list[int]) -> list[list[int]]:
+        """Indices in batches of similar lengths (longest first), to pad little."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+
+    @torch.no_grad()
+    def loglikelihoods(self, pairs: list[TokenPair]) -> list[Score]:
+        """Each continuation given its context, one full forward per batch (no cache)."""
+        results: list[Score] = [Score(0.0, False)] * len(pairs)
+        for batch in self._batches([len(c) + len(k) for c, k in pairs]):
+            inputs = [(pairs[i][0] + pairs[i][1])[-(self.max_len + 1):][:-1] for i in batch]
+            longest = max(len(x) for x in inputs)
+            ids = torch.zeros(len(batch), longest, dtype=torch.long)
+            for row, x in enumerate(inputs):
+                ids[row, :len(x)] = torch.tensor(x)
+            logits = self.model(ids.to(self.device)).logits
+            for row, i in enumerate(batch):
+                continuation, end = pairs[i][1], len(inputs[row])
+                rows = self._log_probs(logits[row, end - len(continuation):end])
+                results[i] = self._score(rows, continuation)
+        return results
+
+    @torch.no_grad()
+    def choice_loglikelihoods(self, items: list[tuple[list[int], list[list[int]]]],
+                              use_cache: bool = True) -> list[list[Score]]:
+        """For (context, continuations) items, every continuation's score.
+
+        With ``use_cache`` each context runs once into a KV cache that its continuations
+        then share (a multiple-choice question reads its passage once, not once a choice);
+        without, every (context, continuation) pair is a full forward.
+        """
+        if not use_cache:
+            flat = self.loglikelihoods([(c, k) for c, ks in items for k in ks])
+            out, start = [], 0
+            for _, continuations in items:
+                out.append(flat[start:start + len(continuations)])
+                start += len(continuations)
+            return out
+        results: list[list[Score]] = [[] for _ in items]
+        for batch in self._batches([len(c) for c, _ in items]):
+            for i, scores in zip(batch, self._shared_context_batch([items[i] for i in batch])):
+                results[i] = scores
+        return results
+
+    def _shared_context_batch(self, items: list[tuple[list[int], list[list[int]]]]) -> list[list[Score]]:
+        longest_continuation = max(len(k) for _, ks in items for k in ks)
+        keep = max(self.max_len + 1 - longest_continuation, 1)
+        contexts = [c[-keep:] for c, _ in items]
+        ids, pad = left_pad(contexts, pad_id=0, device=self.device)
+        cache = self.model.new_cache(len(items), ids.shape[1] + longest_continuation - 1, pad)
+        first = self._log_probs(self.model(ids, cache=cache).logits[:, -1])  # (items, vocab)
+        counts = [len(ks) for _, ks in items]
+        continuations = [k for _, ks in items for k in ks]
+        rest = None
+        if longest_continuation > 1:  # feed every continuation but its last token
+            tails = torch.zeros(len(continuations), longest_continuation - 1, dtype=torch.long)
+            for row, k in enumerate(continuations):
+                tails[row, :len(k) - 1] = torch.tensor(k[:-1], dtype=torch.long)
+            rest = self.model(tails.to(self.device), cache=cache.repeat_rows(counts)).logits
+        out: list[list[Score]] = []
+        row = 0
+        for item, (_, ks) in enumerate(items):
+            scores = []
+            for k in ks:
+                rows = first[item:item + 1]
+                if len(k) > 1:
+                    rows = torch.cat([rows, self._log_probs(rest[row, :len(k) - 1])])
+                scores.append(self._score(rows, k))
+                row += 1
+            out.append(scores)
+        return out
+
+    def generate_until(self, contexts: list[str], stop: tuple[str, ...],
+                       max_new_tokens: int = 32, use_cache: bool = True) -> list[str]:
+        """Greedy continuations, each cut at the first stop string."""
+        encoded = self.encode(contexts)
+        keep = max(self.max_len - max_new_tokens, 1)
+        encoded = [(ids or [self.tokenizer.eot_id])[-keep:] for ids in encoded]
+
+        def is_done(new: list[int]) -> bool:
+            return new[-1] == self.tokenizer.eot_id or any(s in self.tokenizer.decode(new) for s in stop)
+
+        texts = [""] * len(contexts)
+        for batch in self._batches([len(e) for e in encoded]):
+            outputs = generate(self.model, [encoded[i] for i in batch], max_new_tokens, Sampling(),
+                               use_cache=use_cache, is_done=is_done)
+            for i, tokens in zip(batch, outputs):
+                texts[i] = _cut(self.tokenizer.decode(t for t in tokens if t != self.tokenizer.eot_id), stop)
+        return texts
+
+
+def _cut(text: str, stop: tuple[str, ...]) -> str:
+    cut = min((text.find(s) for s in stop if s in text), default=len(text))
+    return text[:cut]
