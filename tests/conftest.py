@@ -89,3 +89,21 @@ def dataset(ray_cluster, tmp_path_factory) -> Path:
                            tokenizer="bytes", seq_len=32, val_fraction=0.05, doc_chars=8000,
                            docs_per_shard=16), log=lambda _: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def sentence_runs(tmp_path_factory):
+    """sentence_runs(experts) -> the run directory of a tiny model that has learnt
+    sentence_models.SENTENCES (dense for 0 experts), trained once per session."""
+    from sentence_models import save_sentence_model, sentence_config, train_sentence_model
+
+    runs: dict[int, Path] = {}
+
+    def run(experts: int) -> Path:
+        if experts not in runs:
+            cfg = sentence_config(experts=experts)
+            runs[experts] = tmp_path_factory.mktemp(f"sentences-{experts}")
+            save_sentence_model(train_sentence_model(cfg), cfg, runs[experts])
+        return runs[experts]
+
+    return run

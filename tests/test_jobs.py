@@ -77,12 +77,27 @@ def test_submit_follow_list_and_stop_jobs(ray_head, dataset, tmp_path, monkeypat
     info = jobs.info(first)
     assert (info.kind, info.config, info.run_dir) == ("train", "tiny-moe8", str(run_dir))
 
+    # an eval job on the trained run, spread over 2 Ray workers
+    task = tmp_path / "lambada.jsonl"
+    task.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
+        "the sun rose over the quiet hills", "she opened the door and smiled", "rain fell all day")))
+    results = tmp_path / "eval.json"
+    evaluation = jobs.submit("eval", [str(run_dir), "--tasks", "lambada", "--task-file",
+                                      f"lambada={task}", "--workers", "2", "--out", str(results)],
+                             working_dir=str(REPO))
+    eval_logs = "".join(jobs.follow(evaluation))
+    assert jobs.wait(evaluation, timeout=60) == "SUCCEEDED", eval_logs
+    assert "scoring on 2 Ray workers" in eval_logs and "lambada      perplexity" in eval_logs
+    assert {(r["metric"], r["n"]) for r in json.loads(results.read_text())["results"]} == \
+        {("acc", 3), ("perplexity", 3)}
+    assert (jobs.info(evaluation).kind, jobs.info(evaluation).config) == ("eval", str(run_dir))
+
     second = jobs.submit_train("tiny-moe8", [*train_args[:1], f"train.storage={tmp_path / 'b'}",
                                              "train.max_steps=100000"], working_dir=str(REPO))
     ray_job_cli(ray_head, "stop", second)  # Ray's CLI stops raymoe's job
     assert jobs.wait(second, timeout=60) == "STOPPED"
     listed = {j.job_id: j.status for j in jobs.list()}
-    assert listed == {first: "SUCCEEDED", second: "STOPPED"}
+    assert listed == {first: "SUCCEEDED", evaluation: "SUCCEEDED", second: "STOPPED"}
     ray_listing = ray_job_cli(ray_head, "list")
     assert first in ray_listing and second in ray_listing
 

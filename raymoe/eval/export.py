@@ -25,8 +25,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from raymoe.config import config_from_dict
 from raymoe.data.tokenizers import GPT2_FILES, BPETokenizer, Tokenizer
 from raymoe.eval.loading import LoadedModel
+from raymoe.model import GPT
 
 MOE_FORMAT = "raymoe-moe/1"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -116,6 +118,18 @@ def read_safetensors(directory: str | Path) -> dict[str, Tensor]:
     for name in files:
         state.update(load_file(str(directory / name)))
     return state
+
+
+def load_moe_export(directory: str | Path) -> GPT:
+    """The GPT of an MoE export, in one process, ready for inference."""
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("format") != MOE_FORMAT:
+        raise ValueError(f"{directory}/config.json: format {config.get('format')!r}, "
+                         f"expected {MOE_FORMAT!r}")
+    model = GPT(config_from_dict({"model": config["model"]}).model)
+    model.load_state_dict(read_safetensors(directory), strict=True)
+    return model.eval()
 
 
 def write_tokenizer(tokenizer: Tokenizer, out: Path, max_length: int) -> Optional[str]:

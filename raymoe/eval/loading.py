@@ -59,6 +59,7 @@ def _download(uri: str) -> Path:
             raise CheckpointError(f"{uri}: holds no complete checkpoint")
         source = f"{source}/{steps[-1]}"
     target = Path(tempfile.mkdtemp(prefix="raymoe-checkpoint-")) / source.rsplit("/", 1)[-1]
+    target.mkdir()
     pafs.copy_files(source, str(target), source_filesystem=filesystem,
                     destination_filesystem=pafs.LocalFileSystem())
     return target
