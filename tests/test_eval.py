@@ -151,8 +151,9 @@ def test_ray_workers_give_the_numbers_of_one_process(ray_cluster, sentence_run, 
     here = evaluate_checkpoint(str(sentence_run), options, show_progress=False)
     spread = evaluate_checkpoint(str(sentence_run), options, workers=2, show_progress=False)
     assert [(m.task, m.metric, m.n) for m in spread.metrics] == [(m.task, m.metric, m.n) for m in here.metrics]
+    # equal up to float rounding (the workers run 1 thread, this process 2)
     assert [m.value for m in spread.metrics] == pytest.approx([m.value for m in here.metrics], rel=1e-6)
-    assert [m.stderr for m in spread.metrics] == pytest.approx([m.stderr for m in here.metrics], rel=1e-6)
+    assert [m.stderr for m in spread.metrics] == pytest.approx([m.stderr for m in here.metrics], abs=1e-7)
 
 
 # ------------------------------------------------------------------------- task files

@@ -15,7 +15,7 @@ from raymoe.eval.metrics import (MetricResult, aggregate, choice_record, complet
 from raymoe.eval.scoring import Scorer
 from raymoe.eval.tasks import Example, Task, get_task, load_examples, task_file
 
-CHUNK = 64
+CHUNK = 32
 """Examples per unit of work: what one Ray worker scores at a time, and the progress step."""
 
 

@@ -85,10 +85,10 @@ class Scorer:
             ids = torch.zeros(len(batch), longest, dtype=torch.long)
             for row, x in enumerate(inputs):
                 ids[row, :len(x)] = torch.tensor(x)
-            logits = self.model(ids.to(self.device)).logits
-            for row, i in enumerate(batch):
+            features, _ = self.model.features(ids.to(self.device))
+            for row, i in enumerate(batch):  # the output layer only where a continuation is
                 continuation, end = pairs[i][1], len(inputs[row])
-                rows = self._log_probs(logits[row, end - len(continuation):end])
+                rows = self._log_probs(self.model.head(features[row, end - len(continuation):end]))
                 results[i] = self._score(rows, continuation)
         return results
 
@@ -97,19 +97,20 @@ class Scorer:
                               use_cache: bool = True) -> list[list[Score]]:
         """For (context, continuations) items, every continuation's score.
 
-        With ``use_cache`` each context runs once into a KV cache that its continuations
-        then share (a multiple-choice question reads its passage once, not once a choice);
-        without, every (context, continuation) pair is a full forward.
+        With ``use_cache`` an item whose context is longer than its continuations runs
+        the context once into a KV cache that its continuations then share (a question
+        reads its passage once, not once a choice); other items, and all without
+        ``use_cache``, run every (context, continuation) pair as one full forward.
         """
-        if not use_cache:
-            flat = self.loglikelihoods([(c, k) for c, ks in items for k in ks])
-            out, start = [], 0
-            for _, continuations in items:
-                out.append(flat[start:start + len(continuations)])
-                start += len(continuations)
-            return out
+        shared = [use_cache and len(c) > max(len(k) for k in ks) for c, ks in items]
         results: list[list[Score]] = [[] for _ in items]
-        for batch in self._batches([len(c) for c, _ in items]):
+        separate = [i for i, s in enumerate(shared) if not s]
+        flat = iter(self.loglikelihoods([(items[i][0], k) for i in separate for k in items[i][1]]))
+        for i in separate:
+            results[i] = [next(flat) for _ in items[i][1]]
+        cached = [i for i, s in enumerate(shared) if s]
+        for batch in self._batches([len(items[i][0]) for i in cached]):
+            batch = [cached[b] for b in batch]
             for i, scores in zip(batch, self._shared_context_batch([items[i] for i in batch])):
                 results[i] = scores
         return results
@@ -120,7 +121,7 @@ class Scorer:
         contexts = [c[-keep:] for c, _ in items]
         ids, pad = left_pad(contexts, pad_id=0, device=self.device)
         cache = self.model.new_cache(len(items), ids.shape[1] + longest_continuation - 1, pad)
-        first = self._log_probs(self.model(ids, cache=cache).logits[:, -1])  # (items, vocab)
+        first = self._log_probs(self.model(ids, cache=cache, keep_last=1).logits[:, -1])  # (items, vocab)
         counts = [len(ks) for _, ks in items]
         continuations = [k for _, ks in items for k in ks]
         rest = None
@@ -128,7 +129,7 @@ class Scorer:
             tails = torch.zeros(len(continuations), longest_continuation - 1, dtype=torch.long)
             for row, k in enumerate(continuations):
                 tails[row, :len(k) - 1] = torch.tensor(k[:-1], dtype=torch.long)
-            rest = self.model(tails.to(self.device), cache=cache.repeat_rows(counts)).logits
+            rest, _ = self.model.features(tails.to(self.device), cache=cache.repeat_rows(counts))
         out: list[list[Score]] = []
         row = 0
         for item, (_, ks) in enumerate(items):
@@ -136,7 +137,7 @@ class Scorer:
             for k in ks:
                 rows = first[item:item + 1]
                 if len(k) > 1:
-                    rows = torch.cat([rows, self._log_probs(rest[row, :len(k) - 1])])
+                    rows = torch.cat([rows, self._log_probs(self.model.head(rest[row, :len(k) - 1]))])
                 scores.append(self._score(rows, k))
                 row += 1
             out.append(scores)

@@ -78,7 +78,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int,
     new: list[list[int]] = [[] for _ in prompts]
     done = [False] * len(prompts)
     cache = model.new_cache(len(prompts), ids.shape[1] + max_new_tokens, pad)
-    logits = model(ids, cache=cache).logits[:, -1]
+    logits = model(ids, cache=cache, keep_last=1).logits[:, -1]
     for step in range(max_new_tokens):
         token = sampling.pick(logits[:, :model.cfg.vocab_size], generator)
         for row, t in enumerate(token.tolist()):
@@ -92,5 +92,5 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int,
             logits = model(token.unsqueeze(1), cache=cache).logits[:, -1]
         else:
             fresh = model.new_cache(len(prompts), ids.shape[1], pad)
-            logits = model(ids, cache=fresh).logits[:, -1]
+            logits = model(ids, cache=fresh, keep_last=1).logits[:, -1]
     return new

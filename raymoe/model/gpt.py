@@ -135,9 +135,25 @@ class GPT(nn.Module):
         return [b.mlp for b in self.blocks if b.is_moe]
 
     def forward(self, idx: Tensor, targets: Optional[Tensor] = None,
-                cache: Optional[KVCache] = None) -> GPTOutput:
+                cache: Optional[KVCache] = None, keep_last: Optional[int] = None) -> GPTOutput:
         """``cache``: attend to its keys and values too, store this call's, and advance it
-        (incremental decoding; its left padding is masked and not counted in positions)."""
+        (incremental decoding; its left padding is masked and not counted in positions).
+        ``keep_last``: logits of the last positions only (the rest are not computed)."""
+        x, stats = self.features(idx, cache)
+        logits = self.head(x if keep_last is None else x[:, -keep_last:])
+        if targets is None:
+            return GPTOutput(logits=logits, moe_stats=stats)
+        check_token_ids(targets, self.cfg.vocab_size, "target")
+        lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
+        zero = lm_loss.new_zeros(())
+        l_aux = sum((s.l_aux for s in stats), zero)
+        z_loss = sum((s.z_loss for s in stats), zero)
+        moe = self.cfg.moe
+        loss = lm_loss + moe.loss_coef * l_aux + moe.z_loss_coef * z_loss
+        return GPTOutput(logits, lm_loss, l_aux, z_loss, loss, stats)
+
+    def features(self, idx: Tensor, cache: Optional[KVCache] = None) -> tuple[Tensor, list[MoEStats]]:
+        """The final (normalised) hidden states, before the output embedding."""
         batch, seq = idx.shape
         start = cache.length if cache is not None else 0
         if start + seq > self.cfg.seq_len:
@@ -160,17 +176,11 @@ class GPT(nn.Module):
                 stats.append(layer_stats)
         if cache is not None:
             cache.advance(seq)
-        logits = F.linear(self.ln_f(x), self.wte.weight)
-        if targets is None:
-            return GPTOutput(logits=logits, moe_stats=stats)
-        check_token_ids(targets, self.cfg.vocab_size, "target")
-        lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
-        zero = lm_loss.new_zeros(())
-        l_aux = sum((s.l_aux for s in stats), zero)
-        z_loss = sum((s.z_loss for s in stats), zero)
-        moe = self.cfg.moe
-        loss = lm_loss + moe.loss_coef * l_aux + moe.z_loss_coef * z_loss
-        return GPTOutput(logits, lm_loss, l_aux, z_loss, loss, stats)
+        return self.ln_f(x), stats
+
+    def head(self, features: Tensor) -> Tensor:
+        """Logits over the padded vocabulary (the output embedding is the input one)."""
+        return F.linear(features, self.wte.weight)
 
     def new_cache(self, batch: int, max_len: int, pad: Optional[Tensor] = None,
                   dtype: Optional[torch.dtype] = None) -> KVCache:
