@@ -103,6 +103,10 @@ def cmd_compare(args: argparse.Namespace) -> None:
     print(report.table())
     for line in report.comparisons:
         print(line)
+    if report.eval_tasks:
+        print(report.table1())
+        for line in report.eval_failures:
+            print(line)
     print(f"report, plot and CSV in {study.directory}")
 
 

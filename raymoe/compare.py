@@ -4,7 +4,9 @@ Each trial is a raymoe training run (a TorchTrainer driven from a Tune function 
 pattern Ray 2.60 supports) at the study's token budget and data. Trials write their runs
 under the study's storage with the run name STUDY/TRIAL, so re-running an interrupted
 study resumes every unfinished trial from its checkpoints and finished ones end at once.
-The report (Figure 1 and Table 2 of the reference, in small) is written beside the study.
+The report (Figure 1 and Table 2 of the reference, in small) is written beside the study;
+with an ``eval`` section, every trial's final checkpoint is evaluated zero-shot and the
+report gains Table 1's form (the models as columns, the tasks as rows).
 """
 
 from __future__ import annotations
@@ -22,9 +24,29 @@ import yaml
 
 from raymoe.config import ConfigError, load_config
 from raymoe.data.storage import is_s3
+from raymoe.errors import root_cause
 
 STUDY_KEYS = {"name", "storage", "data", "tokens", "models", "seeds", "max_concurrent_trials",
-              "overrides", "asha"}
+              "overrides", "asha", "eval"}
+EVAL_KEYS = {"tasks", "data_dir", "files", "limit", "batch_size", "workers"}
+
+
+@dataclass
+class StudyEval:
+    """Zero-shot evaluation of each trial's final checkpoint (``raymoe eval``'s options)."""
+
+    tasks: list[str]
+    data_dir: Optional[str] = None
+    files: dict[str, str] = field(default_factory=dict)
+    limit: Optional[int] = None
+    batch_size: int = 16
+    workers: int = 0
+    """Ray workers to spread each evaluation over (0: in the driver)."""
+
+    def options(self) -> "EvalOptions":
+        from raymoe.eval.harness import EvalOptions
+
+        return EvalOptions(self.tasks, self.data_dir, self.files, self.limit, self.batch_size)
 
 
 @dataclass
@@ -48,6 +70,7 @@ class Study:
     """Applied to every model (log and checkpoint cadence, batch sizes)."""
     asha: Optional[dict[str, Any]] = None
     """Early stopping on val_loss, for LR sweeps: {max_t, grace_period, reduction_factor}."""
+    eval: Optional[StudyEval] = None
 
     @property
     def directory(self) -> Path:
@@ -88,7 +111,20 @@ def load_study(path: str) -> Study:
                  tokens=int(float(raw["tokens"])), models=models,
                  seeds=list(raw.get("seeds", [1234])),
                  max_concurrent_trials=int(raw.get("max_concurrent_trials", 1)),
-                 overrides=list(raw.get("overrides", [])), asha=raw.get("asha"))
+                 overrides=list(raw.get("overrides", [])), asha=raw.get("asha"),
+                 eval=_study_eval(path, raw["eval"]) if raw.get("eval") else None)
+
+
+def _study_eval(path: str, raw: Any) -> StudyEval:
+    if not isinstance(raw, dict) or not raw.get("tasks"):
+        raise ConfigError(f"{path}: eval needs 'tasks' (a list of task names)")
+    unknown = set(raw) - EVAL_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown eval keys {sorted(unknown)} (known: {sorted(EVAL_KEYS)})")
+    tasks = raw["tasks"].split(",") if isinstance(raw["tasks"], str) else list(raw["tasks"])
+    return StudyEval(tasks, _absolute(raw["data_dir"]) if raw.get("data_dir") else None,
+                     {k: _absolute(v) for k, v in (raw.get("files") or {}).items()},
+                     raw.get("limit"), int(raw.get("batch_size", 16)), int(raw.get("workers", 0)))
 
 
 def _absolute(uri: str) -> str:
@@ -129,10 +165,41 @@ def run_study(study: Study) -> "Report":
     errors = {}
     for result in grid:
         if result.error is not None:
-            errors[result.config["trial"]["name"]] = f"{type(result.error).__name__}: {result.error}"
-    report = build_report(study, errors)
+            cause = root_cause(result.error)
+            errors[result.config["trial"]["name"]] = f"{type(cause).__name__}: {cause}"
+    eval_errors = evaluate_trials(study, skip=set(errors)) if study.eval is not None else {}
+    report = build_report(study, errors, eval_errors)
     report.write(study.directory)
     return report
+
+
+def _eval_file(study: Study, trial: str) -> Path:
+    return study.directory / "eval" / f"{trial}.json"
+
+
+def evaluate_trials(study: Study, skip: set[str]) -> dict[str, str]:
+    """Evaluate each finished trial's final checkpoint (again only when it changed);
+    returns the trials whose evaluation failed, with why."""
+    from raymoe.eval.loading import resolve_checkpoint
+    from raymoe.eval.runner import evaluate_checkpoint
+    from raymoe.train.launcher import run_location
+
+    failed = {}
+    for trial in study.trials():
+        if trial["name"] in skip:
+            continue
+        out = _eval_file(study, trial["name"])
+        try:
+            run = run_location(load_config(trial["config"], trial["overrides"])).uri
+            if not is_s3(run) and out.is_file() and \
+                    json.loads(out.read_text())["checkpoint"] == str(resolve_checkpoint(run)):
+                continue
+            print(f"evaluating {trial['name']} ({', '.join(study.eval.tasks)})", flush=True)
+            evaluate_checkpoint(run, study.eval.options(), workers=study.eval.workers,
+                                show_progress=False).save(out)
+        except (ValueError, OSError, RuntimeError) as err:
+            failed[trial["name"]] = f"{type(err).__name__}: {err}"
+    return failed
 
 
 # ---------------------------------------------------------------------------- report
@@ -152,6 +219,8 @@ class TrialOutcome:
     train_flops: float = math.nan
     curve: list[tuple[int, float]] = field(default_factory=list)
     error: str = ""
+    eval: dict[str, float] = field(default_factory=dict)
+    """task -> its Table 1 metric, when the study evaluates."""
 
 
 @dataclass
@@ -167,6 +236,8 @@ class ModelRow:
     trials: int
     failed: list[str]
     is_moe: bool
+    eval: dict[str, float] = field(default_factory=dict)
+    """task -> the mean over seeds of its Table 1 metric."""
 
 
 @dataclass
@@ -175,6 +246,24 @@ class Report:
     trials: list[TrialOutcome]
     models: list[ModelRow]
     comparisons: list[str]
+    eval_tasks: list[str] = field(default_factory=list)
+    eval_failures: list[str] = field(default_factory=list)
+
+    def table1(self) -> str:
+        """Table 1's form: a column per model; parameters, validation loss and the
+        zero-shot tasks as rows (accuracy or exact match, mean over seeds)."""
+        from raymoe.eval.tasks import get_task
+
+        cells = lambda values: "| " + " | ".join(values) + " |"  # noqa: E731
+        lines = [cells(["", *(m.model for m in self.models)]), cells(["---"] * (len(self.models) + 1)),
+                 cells(["total params", *(f"{m.total_params / 1e6:.2f}M" for m in self.models)]),
+                 cells(["active params", *(f"{m.active_params / 1e6:.2f}M" for m in self.models)]),
+                 cells(["validation loss", *(_number(m.val_loss) for m in self.models)])]
+        for name in self.eval_tasks:
+            task = get_task(name)
+            lines.append(cells([f"{task.title} ({task.primary})",
+                                *(_number(m.eval.get(name, math.nan)) for m in self.models)]))
+        return "\n".join(lines)
 
     def table(self) -> str:
         head = ("| model | total params | active params | val loss (mean +- spread over seeds) "
@@ -196,7 +285,10 @@ class Report:
                 writer.writerows([t.name, t.model, t.seed, tokens, loss] for tokens, loss in t.curve)
         with open(directory / "trials.json", "w") as f:
             json.dump([asdict(t) for t in self.trials], f, indent=1)
-        text = "\n\n".join([f"# Study {self.study}", self.table(), *self.comparisons])
+        parts = [f"# Study {self.study}", self.table(), *self.comparisons]
+        if self.eval_tasks:
+            parts += ["## Zero-shot evaluation (Table 1 form)", self.table1(), *self.eval_failures]
+        text = "\n\n".join(parts)
         (directory / "report.md").write_text(text + "\n")
         self._plot(directory / "validation_loss.png")
 
@@ -220,7 +312,11 @@ class Report:
         plt.close(fig)
 
 
-def _outcome(trial: dict[str, Any], error: str) -> TrialOutcome:
+def _number(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.4f}"
+
+
+def _outcome(trial: dict[str, Any], error: str, eval_file: Path) -> TrialOutcome:
     import torch
 
     from raymoe.model import GPT
@@ -249,6 +345,12 @@ def _outcome(trial: dict[str, Any], error: str) -> TrialOutcome:
     if rates:
         outcome.tokens_per_s = statistics.median(r["tokens_per_s"] for r in rates)
         outcome.samples_per_s = statistics.median(r["samples_per_s"] for r in rates)
+    if eval_file.is_file():
+        from raymoe.eval.tasks import get_task
+
+        results = json.loads(eval_file.read_text())["results"]
+        outcome.eval = {r["task"]: r["value"] for r in results
+                        if r["metric"] == get_task(r["task"]).primary}
     m = cfg.model
     outcome.train_flops = (6 * outcome.active_params + 12 * m.n_layer * m.d_model * m.seq_len) * outcome.tokens
     return outcome
@@ -269,7 +371,9 @@ def _model_rows(trials: list[TrialOutcome], study: Study) -> list[ModelRow]:
             samples_per_s=statistics.mean(t.samples_per_s for t in good) if good else math.nan,
             train_flops=statistics.mean(t.train_flops for t in good) if good else math.nan,
             trials=len(good), failed=[f"{t.name}: {t.error}" for t in mine if t.error],
-            is_moe=first.total_params != first.active_params))
+            is_moe=first.total_params != first.active_params,
+            eval={task: statistics.mean(t.eval[task] for t in good if task in t.eval)
+                  for task in {k for t in good for k in t.eval}}))
     return rows
 
 
@@ -305,7 +409,11 @@ def _dense_equivalent(dense: list[ModelRow], loss: float) -> Optional[float]:
     return None
 
 
-def build_report(study: Study, errors: dict[str, str]) -> Report:
-    trials = [_outcome(t, errors.get(t["name"], "")) for t in study.trials()]
+def build_report(study: Study, errors: dict[str, str],
+                 eval_errors: Optional[dict[str, str]] = None) -> Report:
+    trials = [_outcome(t, errors.get(t["name"], ""), _eval_file(study, t["name"]))
+              for t in study.trials()]
     rows = _model_rows(trials, study)
-    return Report(study.name, trials, rows, _comparisons(rows))
+    return Report(study.name, trials, rows, _comparisons(rows),
+                  study.eval.tasks if study.eval else [],
+                  [f"evaluation of {name} failed: {why}" for name, why in (eval_errors or {}).items()])

@@ -2,19 +2,27 @@
 
 from __future__ import annotations
 
-from typing import Optional, TypeVar
+from typing import Iterator, Optional, TypeVar
 
 E = TypeVar("E", bound=BaseException)
+
+
+def _causes(err: BaseException) -> Iterator[BaseException]:
+    seen: set[int] = set()
+    current: Optional[BaseException] = err
+    while current is not None and id(current) not in seen:
+        yield current
+        seen.add(id(current))
+        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+
+
+def root_cause(err: BaseException) -> BaseException:
+    """The innermost exception of that chain: the user's error, without Ray's traceback."""
+    *_, last = _causes(err)
+    return last
 
 
 def find_cause(err: BaseException, kind: type[E] | tuple[type[E], ...]) -> Optional[E]:
     """The first exception of ``kind`` in the chain of causes Ray builds around a task's
     error (RayTaskError.cause, UserCodeException, __cause__), or None."""
-    seen: set[int] = set()
-    current: Optional[BaseException] = err
-    while current is not None and id(current) not in seen:
-        if isinstance(current, kind):
-            return current
-        seen.add(id(current))
-        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
-    return None
+    return next((c for c in _causes(err) if isinstance(c, kind)), None)

@@ -9,10 +9,17 @@ import json
 import yaml
 
 from raymoe.compare import load_study, run_study
+from raymoe.eval.runner import evaluate_checkpoint
+
+from test_eval import EVAL_DATA
 
 
 
 def test_tiny_study_writes_plot_csv_and_table(dataset, tmp_path):
+    lambada = tmp_path / "lambada.jsonl"
+    lambada.write_text("".join(json.dumps({"text": t}) + "\n" for t in (
+        "the ship sailed into the harbour at dawn", "he wrote a long letter to his sister",
+        "they walked along the quiet road")))
     study_file = tmp_path / "study.yaml"
     study_file.write_text(yaml.safe_dump({
         "name": "mini", "storage": str(tmp_path / "runs"), "data": str(dataset), "tokens": 2048,
@@ -23,6 +30,8 @@ def test_tiny_study_writes_plot_csv_and_table(dataset, tmp_path):
         "models": [{"name": "dense", "config": "tiny"},
                    {"name": "moe", "config": "tiny-moe8"},
                    {"name": "broken", "config": "tiny", "overrides": ["model.n_head=5"]}],
+        "eval": {"tasks": ["lambada", "piqa"], "data_dir": str(EVAL_DATA),
+                 "files": {"lambada": str(lambada)}, "limit": 6},
     }))
     study = load_study(str(study_file))
     report = run_study(study)
@@ -33,7 +42,8 @@ def test_tiny_study_writes_plot_csv_and_table(dataset, tmp_path):
     assert {r["trial"] for r in rows} == {"dense-seed1", "moe-seed1"}
     assert {int(r["tokens"]) for r in rows} == {1024, 2048}
     table = (out / "report.md").read_text()
-    rows_of_table = [line for line in table.splitlines() if line.startswith("| ")][1:]
+    main_table = table.split("## Zero-shot")[0]
+    rows_of_table = [line for line in main_table.splitlines() if line.startswith("| ")][1:]
     assert [r.split(" | ")[0] for r in rows_of_table] == ["| dense", "| moe", "| broken"]
     broken = next(m for m in report.models if m.model == "broken")
     assert broken.trials == 0 and "5 heads do not divide model.d_model=32" in broken.failed[0]
@@ -44,3 +54,16 @@ def test_tiny_study_writes_plot_csv_and_table(dataset, tmp_path):
     trials = json.loads((out / "trials.json").read_text())
     assert [t["error"] == "" for t in trials] == [True, True, False]
     assert any(line.startswith("moe (val") for line in report.comparisons)
+
+    # Table 1's form: each trained model's final checkpoint evaluated zero-shot
+    table1 = table.split("## Zero-shot evaluation (Table 1 form)")[1].strip().splitlines()
+    assert table1[0] == "|  | dense | moe | broken |"
+    assert [line.split(" | ")[0] for line in table1[2:]] == [
+        "| total params", "| active params", "| validation loss", "| LAMBADA (acc)", "| PIQA (acc)"]
+    for model in ("dense", "moe"):
+        direct = evaluate_checkpoint(str(out / f"{model}-seed1"), study.eval.options(), show_progress=False)
+        row = next(m for m in report.models if m.model == model)
+        assert row.eval == {"lambada": direct.value("lambada", "acc"), "piqa": direct.value("piqa", "acc")}
+        saved = json.loads((out / "eval" / f"{model}-seed1.json").read_text())["results"]
+        assert {(r["task"], r["n"]) for r in saved} == {("lambada", 3), ("piqa", 6)}
+    assert table1[-1].endswith(" | - |")  # the broken model has no scores

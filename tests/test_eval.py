@@ -307,3 +307,19 @@ def test_a_checkpoint_on_s3_is_evaluated(s3_server, sentence_run, sentence_tasks
     local = evaluate_checkpoint(str(sentence_run), options, show_progress=False)
     assert [m.value for m in from_s3.metrics] == [m.value for m in local.metrics]
     assert from_s3.step == 300
+
+
+def test_inputs_longer_than_the_model_lose_tokens_on_the_left(sentence_run):
+    loaded = load_model(str(sentence_run))  # seq_len 128
+    scorer = Scorer(loaded.model, loaded.tokenizer, batch_size=2)
+    long_context = list(range(200))
+    context, continuation = scorer.fit(long_context, [5, 6, 7])
+    assert context == long_context[-126:] and continuation == [5, 6, 7]
+    long_continuation = [t % 250 for t in range(300)]
+    context, continuation = scorer.fit([1, 2], long_continuation)  # scored on its last 128
+    assert continuation == long_continuation[-128:] and context == long_continuation[-129:-128]
+    pairs = [(long_context, [5, 6, 7]), ([1, 2], long_continuation)]
+    direct = [_direct_logprob(loaded.model, *scorer.fit(c, k)) for c, k in pairs]
+    assert [s.logprob for s in scorer.loglikelihoods(pairs)] == pytest.approx(direct, abs=1e-4)
+    shared = scorer.choice_loglikelihoods([(long_context, [[5, 6, 7], [9]])])[0]
+    assert shared[0].logprob == pytest.approx(direct[0], abs=1e-4)

@@ -2,7 +2,8 @@
 
 Token pairs follow lm-evaluation-harness: the context is encoded alone, the continuation is
 what encoding context + continuation adds after it, and an input too long for the model
-loses tokens on the left. Log-probabilities are over the tokenizer's vocabulary (the
+loses tokens on the left (a continuation longer than the model's context is scored on its
+last seq_len tokens). Log-probabilities are over the tokenizer's vocabulary (the
 embedding's padding rows are not tokens).
 """
 
@@ -60,6 +61,16 @@ class Scorer:
             encoded.append((context_ids or [self.tokenizer.eot_id], continuation_ids))
         return encoded
 
+    def fit(self, context: list[int], continuation: list[int]) -> TokenPair:
+        """The pair cut to the model's context (seq_len inputs predict seq_len + 1 tokens):
+        tokens go on the left; a continuation longer than seq_len keeps its last ones."""
+        whole = context + continuation
+        if len(whole) <= self.max_len + 1:
+            return context, continuation
+        whole = whole[-(self.max_len + 1):]
+        scored = min(len(continuation), self.max_len)
+        return whole[:-scored], whole[-scored:]
+
     def _log_probs(self, logits: Tensor) -> Tensor:
         return logits[..., :self.vocab].float().log_softmax(dim=-1)
 
@@ -78,9 +89,10 @@ class Scorer:
     @torch.no_grad()
     def loglikelihoods(self, pairs: list[TokenPair]) -> list[Score]:
         """Each continuation given its context, one full forward per batch (no cache)."""
+        pairs = [self.fit(c, k) for c, k in pairs]
         results: list[Score] = [Score(0.0, False)] * len(pairs)
         for batch in self._batches([len(c) + len(k) for c, k in pairs]):
-            inputs = [(pairs[i][0] + pairs[i][1])[-(self.max_len + 1):][:-1] for i in batch]
+            inputs = [(pairs[i][0] + pairs[i][1])[:-1] for i in batch]
             longest = max(len(x) for x in inputs)
             ids = torch.zeros(len(batch), longest, dtype=torch.long)
             for row, x in enumerate(inputs):
@@ -99,10 +111,11 @@ class Scorer:
 
         With ``use_cache`` an item whose context is longer than its continuations runs
         the context once into a KV cache that its continuations then share (a question
-        reads its passage once, not once a choice); other items, and all without
+        reads its passage once, not once a choice; a context too long for the model loses
+        as many tokens as its longest continuation needs). Other items, and all without
         ``use_cache``, run every (context, continuation) pair as one full forward.
         """
-        shared = [use_cache and len(c) > max(len(k) for k in ks) for c, ks in items]
+        shared = [use_cache and self._worth_sharing(c, ks) for c, ks in items]
         results: list[list[Score]] = [[] for _ in items]
         separate = [i for i, s in enumerate(shared) if not s]
         flat = iter(self.loglikelihoods([(items[i][0], k) for i in separate for k in items[i][1]]))
@@ -115,10 +128,13 @@ class Scorer:
                 results[i] = scores
         return results
 
+    def _worth_sharing(self, context: list[int], continuations: list[list[int]]) -> bool:
+        longest = max(len(k) for k in continuations)
+        return longest < len(context) and longest <= self.max_len
+
     def _shared_context_batch(self, items: list[tuple[list[int], list[list[int]]]]) -> list[list[Score]]:
         longest_continuation = max(len(k) for _, ks in items for k in ks)
-        keep = max(self.max_len + 1 - longest_continuation, 1)
-        contexts = [c[-keep:] for c, _ in items]
+        contexts = [c[-(self.max_len + 1 - max(len(k) for k in ks)):] for c, ks in items]
         ids, pad = left_pad(contexts, pad_id=0, device=self.device)
         cache = self.model.new_cache(len(items), ids.shape[1] + longest_continuation - 1, pad)
         first = self._log_probs(self.model(ids, cache=cache, keep_last=1).logits[:, -1])  # (items, vocab)

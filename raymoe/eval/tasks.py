@@ -66,6 +66,8 @@ class Task:
     metrics: tuple[str, ...]
     primary: str
     """The metric of the reference's Table 1."""
+    title: str
+    """The name Table 1 gives it."""
     stop: tuple[str, ...] = field(default=())
 
 
@@ -278,14 +280,14 @@ QA_STOP = ("\n", ".", ",")
 
 TASKS: dict[str, Task] = {t.name: t for t in (
     Task("lambada", "completion", "lambada/lambada_test.jsonl", load_lambada,
-         ("acc", "perplexity"), "acc"),
-    Task("piqa", "choice", "piqa/valid.jsonl", load_piqa, ("acc", "acc_norm"), "acc"),
-    Task("boolq", "choice", "boolq/boolq.jsonl", load_boolq, ("acc",), "acc"),
-    Task("race_h", "choice", "race/test/high", load_race, ("acc",), "acc"),
+         ("acc", "perplexity"), "acc", "LAMBADA"),
+    Task("piqa", "choice", "piqa/valid.jsonl", load_piqa, ("acc", "acc_norm"), "acc", "PIQA"),
+    Task("boolq", "choice", "boolq/boolq.jsonl", load_boolq, ("acc",), "acc", "BoolQ"),
+    Task("race_h", "choice", "race/test/high", load_race, ("acc",), "acc", "RACE-h"),
     Task("triviaqa", "generation", "triviaqa/triviaqa_sm_sub.jsonl", load_triviaqa,
-         ("exact_match",), "exact_match", QA_STOP),
+         ("exact_match",), "exact_match", "TriviaQA", QA_STOP),
     Task("webqs", "generation", "webquestions/test.json", load_webqs,
-         ("exact_match",), "exact_match", QA_STOP),
+         ("exact_match",), "exact_match", "WebQs", QA_STOP),
 )}
 REFERENCE_TASKS = tuple(TASKS)
 
@@ -294,7 +296,7 @@ def get_task(name: str) -> Task:
     """A built-in task, or a multiple-choice task of that name read from a jsonl."""
     if name in TASKS:
         return TASKS[name]
-    return Task(name, "choice", f"{name}.jsonl", load_multiple_choice, ("acc", "acc_norm"), "acc")
+    return Task(name, "choice", f"{name}.jsonl", load_multiple_choice, ("acc", "acc_norm"), "acc", name)
 
 
 def task_file(task: Task, data_dir: Optional[str], files: dict[str, str]) -> Path:
