@@ -240,6 +240,10 @@ class ModelRow:
     """task -> the mean over seeds of its Table 1 metric."""
 
 
+def _markdown_row(values) -> str:
+    return "| " + " | ".join(values) + " |"
+
+
 @dataclass
 class Report:
     study: str
@@ -252,17 +256,17 @@ class Report:
     def table1(self) -> str:
         """Table 1's form: a column per model; parameters, validation loss and the
         zero-shot tasks as rows (accuracy or exact match, mean over seeds)."""
+        from raymoe.eval.metrics import format_value
         from raymoe.eval.tasks import get_task
 
-        cells = lambda values: "| " + " | ".join(values) + " |"  # noqa: E731
-        lines = [cells(["", *(m.model for m in self.models)]), cells(["---"] * (len(self.models) + 1)),
-                 cells(["total params", *(f"{m.total_params / 1e6:.2f}M" for m in self.models)]),
-                 cells(["active params", *(f"{m.active_params / 1e6:.2f}M" for m in self.models)]),
-                 cells(["validation loss", *(_number(m.val_loss) for m in self.models)])]
+        lines = [_markdown_row(["", *(m.model for m in self.models)]), _markdown_row(["---"] * (len(self.models) + 1)),
+                 _markdown_row(["total params", *(f"{m.total_params / 1e6:.2f}M" for m in self.models)]),
+                 _markdown_row(["active params", *(f"{m.active_params / 1e6:.2f}M" for m in self.models)]),
+                 _markdown_row(["validation loss", *(format_value(m.val_loss) for m in self.models)])]
         for name in self.eval_tasks:
             task = get_task(name)
-            lines.append(cells([f"{task.title} ({task.primary})",
-                                *(_number(m.eval.get(name, math.nan)) for m in self.models)]))
+            lines.append(_markdown_row([f"{task.title} ({task.primary})",
+                                *(format_value(m.eval.get(name, math.nan)) for m in self.models)]))
         return "\n".join(lines)
 
     def table(self) -> str:
@@ -310,10 +314,6 @@ class Report:
         fig.tight_layout()
         fig.savefig(path, dpi=120)
         plt.close(fig)
-
-
-def _number(value: float) -> str:
-    return "-" if math.isnan(value) else f"{value:.4f}"
 
 
 def _outcome(trial: dict[str, Any], error: str, eval_file: Path) -> TrialOutcome:

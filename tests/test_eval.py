@@ -180,6 +180,14 @@ def test_every_task_reads_its_published_file(name, count):
         assert "Onion" in first.answers and first.context.endswith("\nAnswer:")
 
 
+def test_the_bundled_sample_is_the_head_of_each_published_file():
+    from raymoe.eval.tasks import SAMPLE_DATA
+
+    for name in ("lambada", "piqa", "boolq", "triviaqa", "webqs"):
+        sample = load_examples(TASKS[name], SAMPLE_DATA / TASKS[name].default_file)
+        assert sample == load_examples(TASKS[name], EVAL_DATA / TASKS[name].default_file, limit=200)
+
+
 RACE_ARTICLE = {
     "id": "high0001.txt",
     "article": "Tom grew apples on a small farm. Every autumn he sold them in town.",
@@ -323,3 +331,10 @@ def test_inputs_longer_than_the_model_lose_tokens_on_the_left(sentence_run):
     assert [s.logprob for s in scorer.loglikelihoods(pairs)] == pytest.approx(direct, abs=1e-4)
     shared = scorer.choice_loglikelihoods([(long_context, [[5, 6, 7], [9]])])[0]
     assert shared[0].logprob == pytest.approx(direct[0], abs=1e-4)
+    # one batch sharing contexts: they lose what its longest continuation (40) needs
+    items = [(long_context, [[5], [6]]), (list(range(100, 200)), [[7] * 40, [8]])]
+    scores = scorer.choice_loglikelihoods(items)
+    assert scores[0][1].logprob == pytest.approx(
+        _direct_logprob(loaded.model, long_context[-(129 - 40):], [6]), abs=1e-4)
+    assert scores[1][0].logprob == pytest.approx(
+        _direct_logprob(loaded.model, list(range(100, 200))[-(129 - 40):], [7] * 40), abs=1e-4)

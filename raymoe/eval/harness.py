@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from raymoe.eval.metrics import (MetricResult, aggregate, choice_record, completion_record,
-                                 exact_match)
+                                 exact_match, format_value)
 from raymoe.eval.scoring import Scorer
 from raymoe.eval.tasks import Example, Task, get_task, load_examples, task_file
 
@@ -108,8 +108,8 @@ class EvalResults:
 
     def table(self) -> str:
         lines = [f"{'task':<12} {'metric':<12} {'value':>9} {'stderr':>8} {'n':>6}"]
-        lines += [f"{m.task:<12} {m.metric:<12} {m.value:>9.4f} {m.stderr:>8.4f} {m.n:>6}"
-                  for m in self.metrics]
+        lines += [f"{m.task:<12} {m.metric:<12} {format_value(m.value):>9} "
+                  f"{format_value(m.stderr):>8} {m.n:>6}" for m in self.metrics]
         return "\n".join(lines)
 
 

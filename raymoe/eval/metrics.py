@@ -42,6 +42,14 @@ def completion_record(score: Score) -> dict[str, float]:
     return {"acc": float(score.greedy), "loglikelihood": score.logprob}
 
 
+def format_value(value: float) -> str:
+    """Four decimals, or four significant digits for huge values (an untrained model's
+    perplexity); '-' for a missing one (NaN)."""
+    if math.isnan(value):
+        return "-"
+    return f"{value:.4f}" if abs(value) < 1e5 else f"{value:.4g}"
+
+
 @dataclass
 class MetricResult:
     task: str

@@ -112,7 +112,7 @@ class Scorer:
         With ``use_cache`` an item whose context is longer than its continuations runs
         the context once into a KV cache that its continuations then share (a question
         reads its passage once, not once a choice; a context too long for the model loses
-        as many tokens as its longest continuation needs). Other items, and all without
+        as many tokens as the longest continuation of its batch needs). Other items, and all without
         ``use_cache``, run every (context, continuation) pair as one full forward.
         """
         shared = [use_cache and self._worth_sharing(c, ks) for c, ks in items]
@@ -134,7 +134,7 @@ class Scorer:
 
     def _shared_context_batch(self, items: list[tuple[list[int], list[list[int]]]]) -> list[list[Score]]:
         longest_continuation = max(len(k) for _, ks in items for k in ks)
-        contexts = [c[-(self.max_len + 1 - max(len(k) for k in ks)):] for c, ks in items]
+        contexts = [c[-(self.max_len + 1 - longest_continuation):] for c, _ in items]
         ids, pad = left_pad(contexts, pad_id=0, device=self.device)
         cache = self.model.new_cache(len(items), ids.shape[1] + longest_continuation - 1, pad)
         first = self._log_probs(self.model(ids, cache=cache, keep_last=1).logits[:, -1])  # (items, vocab)

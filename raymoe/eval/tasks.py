@@ -276,6 +276,9 @@ def load_webqs(path: Path) -> list[Example]:
     return examples
 
 
+SAMPLE_DATA = Path(__file__).resolve().parents[1] / "sample" / "eval"
+"""The bundled sample: the first 200 examples of five tasks, in the published layout."""
+
 QA_STOP = ("\n", ".", ",")
 
 TASKS: dict[str, Task] = {t.name: t for t in (

@@ -154,16 +154,13 @@ class GPT(nn.Module):
 
     def features(self, idx: Tensor, cache: Optional[KVCache] = None) -> tuple[Tensor, list[MoEStats]]:
         """The final (normalised) hidden states, before the output embedding."""
-        batch, seq = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + seq > self.cfg.seq_len:
-            raise ValueError(f"sequence of {start + seq} tokens exceeds model.seq_len={self.cfg.seq_len}")
+        seq = idx.shape[1]
+        positions = torch.arange(seq, device=idx.device) if cache is None else cache.positions(seq)
+        longest = seq if cache is None else int(positions.max()) + 1  # a cache's padding is no position
+        if longest > self.cfg.seq_len:
+            raise ValueError(f"sequence of {longest} tokens exceeds model.seq_len={self.cfg.seq_len}")
         check_token_ids(idx, self.cfg.vocab_size, "input")
-        if cache is None:
-            positions = torch.arange(seq, device=idx.device)
-        else:
-            positions = cache.positions(seq)
-            mask = cache.attention_mask(seq)
+        mask = cache.attention_mask(seq) if cache is not None else None
         x = self.drop(self.wte(idx) + self.wpe(positions))
         stats: list[MoEStats] = []
         for i, block in enumerate(self.blocks):
