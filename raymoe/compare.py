@@ -259,14 +259,16 @@ class Report:
         from raymoe.eval.metrics import format_value
         from raymoe.eval.tasks import get_task
 
-        lines = [_markdown_row(["", *(m.model for m in self.models)]), _markdown_row(["---"] * (len(self.models) + 1)),
-                 _markdown_row(["total params", *(f"{m.total_params / 1e6:.2f}M" for m in self.models)]),
-                 _markdown_row(["active params", *(f"{m.active_params / 1e6:.2f}M" for m in self.models)]),
-                 _markdown_row(["validation loss", *(format_value(m.val_loss) for m in self.models)])]
+        models = self.models
+        lines = [_markdown_row(["", *(m.model for m in models)]),
+                 _markdown_row(["---"] * (len(models) + 1)),
+                 _markdown_row(["total params", *(f"{m.total_params / 1e6:.2f}M" for m in models)]),
+                 _markdown_row(["active params", *(f"{m.active_params / 1e6:.2f}M" for m in models)]),
+                 _markdown_row(["validation loss", *(format_value(m.val_loss) for m in models)])]
         for name in self.eval_tasks:
             task = get_task(name)
             lines.append(_markdown_row([f"{task.title} ({task.primary})",
-                                *(format_value(m.eval.get(name, math.nan)) for m in self.models)]))
+                                        *(format_value(m.eval.get(name, math.nan)) for m in models)]))
         return "\n".join(lines)
 
     def table(self) -> str:
