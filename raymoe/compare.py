@@ -25,6 +25,7 @@ import yaml
 from raymoe.config import ConfigError, load_config
 from raymoe.data.storage import is_s3
 from raymoe.errors import root_cause
+from raymoe.eval.harness import EvalOptions
 
 STUDY_KEYS = {"name", "storage", "data", "tokens", "models", "seeds", "max_concurrent_trials",
               "overrides", "asha", "eval"}
@@ -33,20 +34,11 @@ EVAL_KEYS = {"tasks", "data_dir", "files", "limit", "batch_size", "workers"}
 
 @dataclass
 class StudyEval:
-    """Zero-shot evaluation of each trial's final checkpoint (``raymoe eval``'s options)."""
+    """Zero-shot evaluation of each trial's final checkpoint."""
 
-    tasks: list[str]
-    data_dir: Optional[str] = None
-    files: dict[str, str] = field(default_factory=dict)
-    limit: Optional[int] = None
-    batch_size: int = 16
+    options: EvalOptions
     workers: int = 0
     """Ray workers to spread each evaluation over (0: in the driver)."""
-
-    def options(self) -> "EvalOptions":
-        from raymoe.eval.harness import EvalOptions
-
-        return EvalOptions(self.tasks, self.data_dir, self.files, self.limit, self.batch_size)
 
 
 @dataclass
@@ -122,9 +114,10 @@ def _study_eval(path: str, raw: Any) -> StudyEval:
     if unknown:
         raise ConfigError(f"{path}: unknown eval keys {sorted(unknown)} (known: {sorted(EVAL_KEYS)})")
     tasks = raw["tasks"].split(",") if isinstance(raw["tasks"], str) else list(raw["tasks"])
-    return StudyEval(tasks, _absolute(raw["data_dir"]) if raw.get("data_dir") else None,
-                     {k: _absolute(v) for k, v in (raw.get("files") or {}).items()},
-                     raw.get("limit"), int(raw.get("batch_size", 16)), int(raw.get("workers", 0)))
+    options = EvalOptions(tasks, _absolute(raw["data_dir"]) if raw.get("data_dir") else None,
+                          {k: _absolute(v) for k, v in (raw.get("files") or {}).items()},
+                          raw.get("limit"), int(raw.get("batch_size", 16)))
+    return StudyEval(options, int(raw.get("workers", 0)))
 
 
 def _absolute(uri: str) -> str:
@@ -194,8 +187,8 @@ def evaluate_trials(study: Study, skip: set[str]) -> dict[str, str]:
             if not is_s3(run) and out.is_file() and \
                     json.loads(out.read_text())["checkpoint"] == str(resolve_checkpoint(run)):
                 continue
-            print(f"evaluating {trial['name']} ({', '.join(study.eval.tasks)})", flush=True)
-            evaluate_checkpoint(run, study.eval.options(), workers=study.eval.workers,
+            print(f"evaluating {trial['name']} ({', '.join(study.eval.options.tasks)})", flush=True)
+            evaluate_checkpoint(run, study.eval.options, workers=study.eval.workers,
                                 show_progress=False).save(out)
         except (ValueError, OSError, RuntimeError) as err:
             failed[trial["name"]] = f"{type(err).__name__}: {err}"
@@ -417,5 +410,5 @@ def build_report(study: Study, errors: dict[str, str],
               for t in study.trials()]
     rows = _model_rows(trials, study)
     return Report(study.name, trials, rows, _comparisons(rows),
-                  study.eval.tasks if study.eval else [],
+                  study.eval.options.tasks if study.eval else [],
                   [f"evaluation of {name} failed: {why}" for name, why in (eval_errors or {}).items()])

@@ -61,7 +61,7 @@ def test_tiny_study_writes_plot_csv_and_table(dataset, tmp_path):
     assert [line.split(" | ")[0] for line in table1[2:]] == [
         "| total params", "| active params", "| validation loss", "| LAMBADA (acc)", "| PIQA (acc)"]
     for model in ("dense", "moe"):
-        direct = evaluate_checkpoint(str(out / f"{model}-seed1"), study.eval.options(), show_progress=False)
+        direct = evaluate_checkpoint(str(out / f"{model}-seed1"), study.eval.options, show_progress=False)
         row = next(m for m in report.models if m.model == model)
         assert row.eval == {"lambada": direct.value("lambada", "acc"), "piqa": direct.value("piqa", "acc")}
         saved = json.loads((out / "eval" / f"{model}-seed1.json").read_text())["results"]

@@ -74,10 +74,10 @@ def test_shipped_studies_load(monkeypatch):
         study = load_study(str(path))
         for trial in study.trials():
             load_config(trial["config"], trial["overrides"])
-        assert study.eval is not None and study.eval.tasks
+        assert study.eval is not None and study.eval.options.tasks
     from raymoe.eval.harness import plan
 
-    tasks, chunks = plan(load_study(str(repo / "jobs" / "configs" / "study-tiny.yaml")).eval.options())
+    tasks, chunks = plan(load_study(str(repo / "jobs" / "configs" / "study-tiny.yaml")).eval.options)
     assert len(tasks) == 5 and sum(len(c.examples) for c in chunks) == 1000  # the bundled sample
 
 
