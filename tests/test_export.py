@@ -4,7 +4,6 @@ checkpoints of any expert-parallel size scoring alike in one process."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
