@@ -187,7 +187,7 @@ def cmd_export(args: argparse.Namespace) -> None:
     loaded = load_model(args.checkpoint, "cpu", args.tokenizer)
     out = export(loaded, args.out, getattr(torch, args.dtype), int(args.max_shard_gb * 2**30))
     kind = "raymoe MoE safetensors" if loaded.config.model.moe.enabled else "Hugging Face GPT-2"
-    print(f"exported {loaded.directory} (step {loaded.step}) as {kind}: {out}")
+    print(f"exported {loaded.uri} (step {loaded.step}) as {kind}: {out}")
     if loaded.tokenizer.spec == "bytes":
         print("note: a byte-level model has no Hugging Face tokenizer; feed it UTF-8 bytes "
               f"(end of text = {loaded.tokenizer.eot_id})")

@@ -173,7 +173,7 @@ def _eval_file(study: Study, trial: str) -> Path:
 def evaluate_trials(study: Study, skip: set[str]) -> dict[str, str]:
     """Evaluate each finished trial's final checkpoint (again only when it changed);
     returns the trials whose evaluation failed, with why."""
-    from raymoe.eval.loading import resolve_checkpoint
+    from raymoe.eval.loading import find_checkpoint
     from raymoe.eval.runner import evaluate_checkpoint
     from raymoe.train.launcher import run_location
 
@@ -184,8 +184,7 @@ def evaluate_trials(study: Study, skip: set[str]) -> dict[str, str]:
         out = _eval_file(study, trial["name"])
         try:
             run = run_location(load_config(trial["config"], trial["overrides"])).uri
-            if not is_s3(run) and out.is_file() and \
-                    json.loads(out.read_text())["checkpoint"] == str(resolve_checkpoint(run)):
+            if out.is_file() and json.loads(out.read_text())["checkpoint"] == find_checkpoint(run):
                 continue
             print(f"evaluating {trial['name']} ({', '.join(study.eval.options.tasks)})", flush=True)
             evaluate_checkpoint(run, study.eval.options, workers=study.eval.workers,

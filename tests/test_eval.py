@@ -285,6 +285,11 @@ def test_a_missing_or_foreign_checkpoint_is_named(tmp_path, sentence_run):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="holds no complete checkpoint"):
         load_model(str(tmp_path / "empty"))
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "manifest.json").write_text(json.dumps({"format": "raymoe-checkpoint/1", "extra": {}}))
+    with pytest.raises(CheckpointError, match="foreign: the manifest holds no model config"):
+        load_model(str(foreign))
 
 
 def test_a_trainer_checkpoint_records_its_tokenizer(dataset, tmp_path):
@@ -314,7 +319,7 @@ def test_a_checkpoint_on_s3_is_evaluated(s3_server, sentence_run, sentence_tasks
     from_s3 = evaluate_checkpoint(f"s3://{target}", options, show_progress=False)
     local = evaluate_checkpoint(str(sentence_run), options, show_progress=False)
     assert [m.value for m in from_s3.metrics] == [m.value for m in local.metrics]
-    assert from_s3.step == 300
+    assert from_s3.step == 300 and from_s3.checkpoint == f"s3://{target}/step-00000300"
 
 
 def test_inputs_longer_than_the_model_lose_tokens_on_the_left(sentence_run):
@@ -338,3 +343,9 @@ def test_inputs_longer_than_the_model_lose_tokens_on_the_left(sentence_run):
         _direct_logprob(loaded.model, long_context[-(129 - 40):], [6]), abs=1e-4)
     assert scores[1][0].logprob == pytest.approx(
         _direct_logprob(loaded.model, list(range(100, 200))[-(129 - 40):], [7] * 40), abs=1e-4)
+
+
+def test_a_worker_error_reaches_the_user_without_ray_wrapping(ray_cluster, sentence_runs, sentence_tasks):
+    with pytest.raises(FileNotFoundError, match="tokenizer 'no-such-tokenizer.json'"):
+        evaluate_checkpoint(str(sentence_runs(0)), _options(sentence_tasks, ["lambada"]), workers=2,
+                            tokenizer="no-such-tokenizer.json", show_progress=False)

@@ -4,6 +4,7 @@ inference: every expert local, MoE layers in eval mode with no token dropping.""
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,10 +13,10 @@ from typing import Any, Optional
 import torch
 
 from raymoe.config import Config, config_from_dict
-from raymoe.data.storage import is_s3, s3_filesystem
+from raymoe.data.storage import is_s3, locate
 from raymoe.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_from_json
 from raymoe.model import GPT
-from raymoe.parallel.checkpoint import (MANIFEST, CheckpointError, latest_checkpoint,
+from raymoe.parallel.checkpoint import (FORMAT, MANIFEST, STEP_DIR, CheckpointError,
                                         load_checkpoint, read_manifest)
 from raymoe.parallel.mesh import Mesh
 
@@ -25,42 +26,47 @@ class LoadedModel:
     model: GPT
     tokenizer: Tokenizer
     config: Config
+    uri: str
+    """The checkpoint, as found (local path or s3:// URI)."""
     directory: Path
-    """The checkpoint directory (a local copy for s3:// checkpoints)."""
+    """Its local directory (a downloaded copy for s3://)."""
     step: int
 
 
-def resolve_checkpoint(path: str) -> Path:
-    """A checkpoint directory, or a run directory (its latest complete checkpoint);
-    ``s3://`` ones are downloaded to a local temporary directory first."""
-    if is_s3(path):
-        path = str(_download(path))
-    directory = Path(path).expanduser()
-    if (directory / MANIFEST).is_file():
-        return directory
-    latest = latest_checkpoint(directory)
-    if latest is None:
-        what = "does not exist" if not directory.exists() else "holds no complete checkpoint"
+def find_checkpoint(path: str) -> str:
+    """The checkpoint that ``path`` names (local or s3://), downloading nothing: ``path``
+    itself when it holds a manifest, else the latest complete step-* checkpoint in it."""
+    from pyarrow import fs as pafs
+
+    root = locate(path)
+    if root.join(MANIFEST).exists():
+        return path
+    entries = root.fs.get_file_info(pafs.FileSelector(root.path, allow_not_found=True))
+    steps = sorted(e.base_name for e in entries if STEP_DIR.match(e.base_name)
+                   and root.join(e.base_name, MANIFEST).exists())
+    if not steps:
+        what = "holds no complete checkpoint" if root.exists() else "does not exist"
         raise CheckpointError(f"{path}: {what} (expected a checkpoint directory with "
                               f"{MANIFEST}, or a run directory of step-* checkpoints)")
-    return latest
+    return root.join(steps[-1]).uri
+
+
+def checkpoint_manifest(path: str) -> dict[str, Any]:
+    """The manifest of the checkpoint ``path`` names, read where it lies."""
+    uri = find_checkpoint(path)
+    manifest = json.loads(locate(uri).join(MANIFEST).read_bytes())
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{uri}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    return {**manifest, "uri": uri}
 
 
 def _download(uri: str) -> Path:
     from pyarrow import fs as pafs
 
-    filesystem, source = s3_filesystem(), uri[len("s3://"):].rstrip("/")
-    selector = pafs.FileSelector(source, allow_not_found=True)
-    names = [info.base_name for info in filesystem.get_file_info(selector)]
-    if MANIFEST not in names:  # a run: take its latest complete checkpoint
-        steps = sorted(n for n in names if n.startswith("step-")
-                       and filesystem.get_file_info(f"{source}/{n}/{MANIFEST}").is_file)
-        if not steps:
-            raise CheckpointError(f"{uri}: holds no complete checkpoint")
-        source = f"{source}/{steps[-1]}"
-    target = Path(tempfile.mkdtemp(prefix="raymoe-checkpoint-")) / source.rsplit("/", 1)[-1]
+    source = locate(uri)
+    target = Path(tempfile.mkdtemp(prefix="raymoe-checkpoint-")) / source.path.rsplit("/", 1)[-1]
     target.mkdir()
-    pafs.copy_files(source, str(target), source_filesystem=filesystem,
+    pafs.copy_files(source.path, str(target), source_filesystem=source.fs,
                     destination_filesystem=pafs.LocalFileSystem())
     return target
 
@@ -72,7 +78,8 @@ def load_model(path: str, device: str | torch.device = "cpu",
     ``tokenizer`` overrides the one recorded with the checkpoint ("gpt2", "bytes" or a
     tokenizer.json).
     """
-    directory = resolve_checkpoint(path)
+    uri = find_checkpoint(path)
+    directory = _download(uri) if is_s3(uri) else Path(uri).expanduser()
     manifest = read_manifest(directory)
     extra = manifest["extra"]
     if "config" not in extra:
@@ -82,7 +89,7 @@ def load_model(path: str, device: str | torch.device = "cpu",
     model = GPT(cfg.model)
     load_checkpoint(directory, model, Mesh(1))
     model = model.to(device).eval()
-    return LoadedModel(model, _tokenizer(directory, extra, cfg, tokenizer), cfg, directory,
+    return LoadedModel(model, _tokenizer(directory, extra, cfg, tokenizer), cfg, uri, directory,
                        int(extra.get("step", 0)))
 
 
