@@ -159,6 +159,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     from raymoe.eval.loading import load_model
     from raymoe.model.generation import Sampling, generate
+    from raymoe.model.precision import autocast
 
     loaded = load_model(args.checkpoint, args.device, args.tokenizer)
     sampling = Sampling(0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
@@ -166,9 +167,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompt = tokenizer.encode_batch([args.prompt])[0] or [tokenizer.eot_id]
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     start = time.monotonic()
-    outputs = generate(loaded.model, [prompt] * args.num_samples, args.max_new_tokens, sampling,
-                       use_cache=not args.no_cache, generator=generator,
-                       is_done=lambda new: new[-1] == tokenizer.eot_id)
+    with autocast(loaded.model.wte.weight.device):
+        outputs = generate(loaded.model, [prompt] * args.num_samples, args.max_new_tokens, sampling,
+                           use_cache=not args.no_cache, generator=generator,
+                           is_done=lambda new: new[-1] == tokenizer.eot_id)
     seconds = time.monotonic() - start
     for i, tokens in enumerate(outputs):
         if args.num_samples > 1:

@@ -13,6 +13,7 @@ from typing import Callable, Iterable, Optional
 from raymoe.eval.metrics import (MetricResult, aggregate, choice_record, completion_record,
                                  exact_match, format_value)
 from raymoe.eval.scoring import Scorer
+from raymoe.model.precision import autocast
 from raymoe.eval.tasks import Example, Task, get_task, load_examples, task_file
 
 CHUNK = 32
@@ -53,7 +54,13 @@ def plan(options: EvalOptions) -> tuple[list[Task], list[Chunk]]:
 
 
 def score_chunk(scorer: Scorer, chunk: Chunk, options: EvalOptions) -> list[dict[str, float]]:
-    """One record of per-example scores for each example of the chunk."""
+    """One record of per-example scores for each example of the chunk (in bf16 on GPU,
+    as the model trained; log-probabilities in fp32)."""
+    with autocast(scorer.device):
+        return _score_chunk(scorer, chunk, options)
+
+
+def _score_chunk(scorer: Scorer, chunk: Chunk, options: EvalOptions) -> list[dict[str, float]]:
     task, examples = get_task(chunk.task), chunk.examples
     if task.kind == "completion":
         scores = scorer.loglikelihoods(scorer.encode_pairs([(e.context, e.continuation) for e in examples]))

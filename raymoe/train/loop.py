@@ -21,6 +21,7 @@ from raymoe.data.shards import DatasetError, PreparedDataset
 from raymoe.data.stream import Cursor, SequenceReader
 from raymoe.data.tokenizers import TOKENIZER_FILE
 from raymoe.model import GPT
+from raymoe.model.precision import autocast, autocast_dtype
 from raymoe.parallel import Mesh
 from raymoe.parallel.checkpoint import (latest_checkpoint, load_checkpoint, load_rank_state,
                                         save_checkpoint, step_directory)
@@ -75,11 +76,6 @@ class FileHooks:
             for f in old.iterdir():
                 f.unlink()
             old.rmdir()
-
-
-def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """bf16 autocast on GPU, plain fp32 on CPU."""
-    return torch.bfloat16 if device.type == "cuda" else None
 
 
 class Trainer:
@@ -234,12 +230,10 @@ class Trainer:
                 self.log(f"no validation: {err}")
             self.model.train()
             return float("nan")
-        dtype = autocast_dtype(self.device)
         with reader:
             for _ in range(self.cfg.train.eval_batches):
                 inputs, targets = self._next_batch(reader)
-                with torch.autocast(self.device.type, dtype=dtype or torch.float32,
-                                    enabled=dtype is not None):
+                with autocast(self.device):
                     total += torch.stack([self.model(inputs, targets).lm_loss.float(),
                                           torch.ones((), device=self.device)])
         if self.mesh.is_distributed:
