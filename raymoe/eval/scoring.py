@@ -111,9 +111,10 @@ class Scorer:
 
         With ``use_cache`` an item whose context is longer than its continuations runs
         the context once into a KV cache that its continuations then share (a question
-        reads its passage once, not once a choice; a context too long for the model loses
-        as many tokens as the longest continuation of its batch needs). Other items, and all without
-        ``use_cache``, run every (context, continuation) pair as one full forward.
+        reads its passage once, not once a choice; a context too long for the model
+        loses as many tokens as the longest continuation of its batch needs). Other
+        items, and all without ``use_cache``, run every (context, continuation) pair as
+        one full forward.
         """
         shared = [use_cache and self._worth_sharing(c, ks) for c, ks in items]
         results: list[list[Score]] = [[] for _ in items]
