@@ -149,7 +149,9 @@ def test_ray_workers_give_the_numbers_of_one_process(ray_cluster, sentence_run, 
     monkeypatch.setattr(harness, "CHUNK", 10)  # several chunks per task, spread over 2 workers
     options = _options(sentence_tasks, ["endings", "lambada", "triviaqa"])
     here = evaluate_checkpoint(str(sentence_run), options, show_progress=False)
-    spread = evaluate_checkpoint(str(sentence_run), options, workers=2, show_progress=False)
+    monkeypatch.chdir(sentence_run.parent)  # a relative path reaches the workers absolute
+    spread = evaluate_checkpoint(sentence_run.name, options, workers=2, show_progress=False)
+    assert spread.checkpoint == here.checkpoint == str(sentence_run / "step-00000300")
     assert [(m.task, m.metric, m.n) for m in spread.metrics] == [(m.task, m.metric, m.n) for m in here.metrics]
     # equal up to float rounding (the workers run 1 thread, this process 2)
     assert [m.value for m in spread.metrics] == pytest.approx([m.value for m in here.metrics], rel=1e-6)

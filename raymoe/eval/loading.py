@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,8 @@ def find_checkpoint(path: str) -> str:
     itself when it holds a manifest, else the latest complete step-* checkpoint in it."""
     from pyarrow import fs as pafs
 
+    if not is_s3(path):  # absolute: Ray workers do not share this process's cwd
+        path = os.path.abspath(os.path.expanduser(path))
     root = locate(path)
     if root.join(MANIFEST).exists():
         return path
