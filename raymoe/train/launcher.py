@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional
 
+import pyarrow.fs as pafs
 import ray
 import ray.train
 from ray.train import (Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig,
@@ -35,8 +36,14 @@ class RayTrainHooks:
         if checkpoint is None:
             yield None
             return
-        with checkpoint.as_directory() as directory:
-            yield Path(directory)
+        if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+            yield Path(checkpoint.path)
+            return
+        # A private copy per worker: Checkpoint.as_directory shares one directory per node,
+        # into which a second worker may download again while the first is reading it
+        # (torch.load then fails on a file being rewritten).
+        with tempfile.TemporaryDirectory(prefix="raymoe-resume-") as directory:
+            yield Path(checkpoint.to_directory(directory))
 
     def new_checkpoint_dir(self, step: int) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"raymoe-step-{step:08d}-"))
