@@ -38,8 +38,8 @@ class Sampling:
             logits = logits.masked_fill(logits < kth, float("-inf"))
         if self.top_p < 1.0:
             sorted_logits, order = logits.sort(dim=-1, descending=True)
-            cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-            drop_sorted = cumulative - sorted_logits.softmax(dim=-1) >= self.top_p  # keeps the first
+            sorted_probs = sorted_logits.softmax(dim=-1)
+            drop_sorted = sorted_probs.cumsum(dim=-1) - sorted_probs >= self.top_p  # keeps the first
             drop = drop_sorted.scatter(-1, order, drop_sorted)
             logits = logits.masked_fill(drop, float("-inf"))
         probs = logits.softmax(dim=-1)
@@ -87,10 +87,10 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int,
                 done[row] = is_done is not None and is_done(new[row])
         if all(done) or step == max_new_tokens - 1:
             break
-        ids = torch.cat([ids, token.unsqueeze(1)], dim=1)
         if use_cache:
             logits = model(token.unsqueeze(1), cache=cache).logits[:, -1]
         else:
+            ids = torch.cat([ids, token.unsqueeze(1)], dim=1)
             fresh = model.new_cache(len(prompts), ids.shape[1], pad)
             logits = model(ids, cache=fresh, keep_last=1).logits[:, -1]
     return new

@@ -156,7 +156,7 @@ class GPT(nn.Module):
         """The final (normalised) hidden states, before the output embedding."""
         seq = idx.shape[1]
         positions = torch.arange(seq, device=idx.device) if cache is None else cache.positions(seq)
-        longest = seq if cache is None else int(positions.max()) + 1  # a cache's padding is no position
+        longest = seq if cache is None else cache.longest(seq)  # a cache's padding is no position
         if longest > self.cfg.seq_len:
             raise ValueError(f"sequence of {longest} tokens exceeds model.seq_len={self.cfg.seq_len}")
         check_token_ids(idx, self.cfg.vocab_size, "input")

@@ -21,6 +21,7 @@ class KVCache:
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
         self.pad = (pad if pad is not None else torch.zeros(batch, dtype=torch.long)).to(device)
+        self.least_pad = int(self.pad.min())
         self.length = 0
 
     @property
@@ -30,6 +31,10 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.keys.shape[3]
+
+    def longest(self, new_tokens: int) -> int:
+        """The most real tokens of any row once ``new_tokens`` more are in (no device sync)."""
+        return self.length + new_tokens - self.least_pad
 
     def positions(self, new_tokens: int) -> Tensor:
         """(batch, new_tokens) position ids of the next tokens, padding not counted."""
@@ -72,5 +77,6 @@ class KVCache:
         copy.keys = self.keys.index_select(1, index)
         copy.values = self.values.index_select(1, index)
         copy.pad = self.pad.index_select(0, index)
+        copy.least_pad = self.least_pad
         copy.length = self.length
         return copy

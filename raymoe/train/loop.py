@@ -88,6 +88,9 @@ class Trainer:
         self.model = GPT(cfg.model, self.mesh.expert_exchange()).to(device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
         self.dataset = self._open_dataset()
+        self.tokenizer_json = (self.dataset.root.join(TOKENIZER_FILE).read_bytes()
+                               if self.dataset.manifest["tokenizer"] == TOKENIZER_FILE else None)
+        """A trained tokenizer, read once, copied into every checkpoint (self-contained)."""
         self.metrics = MetricsWriter(metrics_dir) if metrics_dir is not None and self.rank == 0 else None
         self.step, self.tokens, self.skipped, self.consecutive_nan = 0, 0, 0, 0
         cursor = self._resume()
@@ -243,12 +246,11 @@ class Trainer:
 
     def save(self) -> Path:
         directory = self.hooks.new_checkpoint_dir(self.step)
-        tokenizer = self.dataset.manifest["tokenizer"]
-        if tokenizer == TOKENIZER_FILE and self.rank == 0:  # the checkpoint is self-contained
-            (directory / TOKENIZER_FILE).write_bytes(self.dataset.root.join(TOKENIZER_FILE).read_bytes())
+        if self.tokenizer_json is not None and self.rank == 0:
+            (directory / TOKENIZER_FILE).write_bytes(self.tokenizer_json)
         extra = {"step": self.step, "tokens": self.tokens, "skipped": self.skipped,
                  "cursor": self.reader.cursor.to_dict(), "config": self.cfg.to_dict(),
-                 "tokenizer": tokenizer}
+                 "tokenizer": self.dataset.manifest["tokenizer"]}
         rank_state = {"torch": torch.get_rng_state(),
                       "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         save_checkpoint(directory, self.model, self.mesh, self.optimizer, extra=extra,
