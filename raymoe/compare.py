@@ -18,7 +18,7 @@ import os
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -60,9 +60,9 @@ class Study:
     max_concurrent_trials: int = 1
     overrides: list[str] = field(default_factory=list)
     """Applied to every model (log and checkpoint cadence, batch sizes)."""
-    asha: Optional[dict[str, Any]] = None
+    asha: dict[str, Any] | None = None
     """Early stopping on val_loss, for LR sweeps: {max_t, grace_period, reduction_factor}."""
-    eval: Optional[StudyEval] = None
+    eval: StudyEval | None = None
 
     @property
     def directory(self) -> Path:
@@ -137,7 +137,7 @@ def _trial(trial: dict[str, Any]) -> None:
         raise result.error
 
 
-def run_study(study: Study) -> "Report":
+def run_study(study: Study) -> Report:
     """Run every trial (or resume them) on the connected Ray cluster, then report."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -394,7 +394,7 @@ def _comparisons(rows: list[ModelRow]) -> list[str]:
     return lines
 
 
-def _dense_equivalent(dense: list[ModelRow], loss: float) -> Optional[float]:
+def _dense_equivalent(dense: list[ModelRow], loss: float) -> float | None:
     """Parameters at which the dense runs' loss (linear in log params) equals ``loss``."""
     points = [(math.log(d.active_params), d.val_loss) for d in dense]
     for (x0, y0), (x1, y1) in zip(points, points[1:]):
@@ -404,7 +404,7 @@ def _dense_equivalent(dense: list[ModelRow], loss: float) -> Optional[float]:
 
 
 def build_report(study: Study, errors: dict[str, str],
-                 eval_errors: Optional[dict[str, str]] = None) -> Report:
+                 eval_errors: dict[str, str] | None = None) -> Report:
     trials = [_outcome(t, errors.get(t["name"], ""), _eval_file(study, t["name"]))
               for t in study.trials()]
     rows = _model_rows(trials, study)

@@ -14,12 +14,14 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
+from raymoe.errors import RaymoeError
 
-class ConfigError(ValueError):
+
+class ConfigError(RaymoeError, ValueError):
     """A configuration value or key is wrong; the message names the dotted key."""
 
 
@@ -38,7 +40,7 @@ class MoEConfig:
     drop_tokens: bool = True
     use_rts: bool = True
     """Random token selection: an over-full expert keeps a random subset (else the first)."""
-    noisy_gate_policy: Optional[Literal["Jitter", "RSample"]] = None
+    noisy_gate_policy: Literal["Jitter", "RSample"] | None = None
     eval_drop_tokens: bool = False
     """Whether evaluation drops over-capacity tokens; off, as the reference evaluated."""
     second_expert_sampling: bool = True
@@ -91,6 +93,11 @@ class ParallelConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     """Ray CPUs each training worker reserves (below 1 leaves room for Ray Data tasks)."""
+    shard: Literal["none", "fsdp"] = "none"
+    """fsdp: dense parameters, gradients and AdamW states sharded over the data-parallel
+    ranks (FSDP2), experts over their expert-data-parallel group; none: replicated."""
+    reduce_dtype: Literal["float32", "bfloat16"] = "float32"
+    """The dtype gradients are reduced in on GPU (compute is bf16 there either way)."""
 
 
 @dataclass
@@ -150,7 +157,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
 
-    def validate(self) -> "Config":
+    def validate(self) -> Config:
         """Cross-field rules; raises ConfigError naming the offending key."""
         m, moe, par = self.model, self.model.moe, self.parallel
         _require(m.d_model % m.n_head == 0, "model.n_head",

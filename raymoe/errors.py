@@ -1,15 +1,22 @@
-"""Getting a user's error back out of Ray's wrappers."""
+"""The user's errors (RaymoeError) and getting them back out of Ray's wrappers."""
 
 from __future__ import annotations
 
-from typing import Iterator, Optional, TypeVar
+from collections.abc import Iterator
+from typing import TypeVar
 
 E = TypeVar("E", bound=BaseException)
 
 
+class RaymoeError(Exception):
+    """An error that is the user's to fix (a config, a dataset, a checkpoint, an eval file,
+    the cluster's size, the job server): the CLI prints its message as one line, exit 2.
+    Anything else is a bug and keeps its traceback."""
+
+
 def _causes(err: BaseException) -> Iterator[BaseException]:
     seen: set[int] = set()
-    current: Optional[BaseException] = err
+    current: BaseException | None = err
     while current is not None and id(current) not in seen:
         yield current
         seen.add(id(current))
@@ -22,7 +29,7 @@ def root_cause(err: BaseException) -> BaseException:
     return last
 
 
-def find_cause(err: BaseException, kind: type[E] | tuple[type[E], ...]) -> Optional[E]:
+def find_cause(err: BaseException, kind: type[E] | tuple[type[E], ...]) -> E | None:
     """The first exception of ``kind`` in the chain of causes Ray builds around a task's
     error (RayTaskError.cause, UserCodeException, __cause__), or None."""
     return next((c for c in _causes(err) if isinstance(c, kind)), None)

@@ -12,10 +12,12 @@ from __future__ import annotations
 import asyncio
 import shlex
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator, Optional
 
 from ray.job_submission import JobStatus, JobSubmissionClient
+
+from raymoe.errors import RaymoeError
 
 KINDS = {
     "train": ["python", "-m", "raymoe.cli", "train"],
@@ -31,7 +33,7 @@ TERMINAL = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED}
 AGENT_WAIT_S = 30.0
 
 
-class JobError(RuntimeError):
+class JobError(RaymoeError, RuntimeError):
     """The job server cannot be reached, refuses us, or a job did not do what was asked."""
 
 
@@ -46,7 +48,7 @@ class JobInfo:
     message: str
 
 
-def _connect(address: str, token: Optional[str]) -> JobSubmissionClient:
+def _connect(address: str, token: str | None) -> JobSubmissionClient:
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         return JobSubmissionClient(address, headers=headers)
@@ -65,14 +67,14 @@ class RaymoeJobs:
     """Submit, watch and stop raymoe jobs on the cluster at ``address``
     (http://host:8265, usually through `ray dashboard` or a port-forward)."""
 
-    def __init__(self, address: str, token: Optional[str] = None):
+    def __init__(self, address: str, token: str | None = None):
         self.address = address
         self.client = _connect(address, token)
 
-    def submit(self, kind: str, args: list[str], *, working_dir: Optional[str] = ".",
-               pip: Optional[list[str]] = None, entrypoint_num_cpus: float = 0,
+    def submit(self, kind: str, args: list[str], *, working_dir: str | None = ".",
+               pip: list[str] | None = None, entrypoint_num_cpus: float = 0,
                entrypoint_num_gpus: float = 0, run_dir: str = "",
-               submission_id: Optional[str] = None) -> str:
+               submission_id: str | None = None) -> str:
         """Start ``raymoe KIND ARGS...`` as a Ray job; returns its id."""
         if kind not in KINDS:
             raise JobError(f"unknown job kind {kind!r}: expected one of {sorted(KINDS)}")

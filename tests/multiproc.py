@@ -5,8 +5,9 @@ from __future__ import annotations
 import datetime
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -7,15 +7,19 @@ import shutil
 
 import pytest
 import torch
+from multiproc import run_distributed
+from test_expert_parallel import build, global_batch, shards, tiny_config
 
 from raymoe.model import GPT
 from raymoe.parallel import Mesh
-from raymoe.parallel.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint,
-                                        save_checkpoint, step_directory)
+from raymoe.parallel.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    step_directory,
+)
 from raymoe.train.step import train_step
-
-from multiproc import run_distributed
-from test_expert_parallel import build, global_batch, shards, tiny_config
 
 NO_DROP = False  # without dropping, capacity (a function of local tokens) cannot matter
 MICRO_BATCHES = 4  # every world size sees the same micro-batches, so l_aux terms agree

@@ -7,12 +7,10 @@ import csv
 import json
 
 import yaml
+from test_eval import EVAL_DATA
 
 from raymoe.compare import load_study, run_study
 from raymoe.eval.runner import evaluate_checkpoint
-
-from test_eval import EVAL_DATA
-
 
 
 def test_tiny_study_writes_plot_csv_and_table(dataset, tmp_path):

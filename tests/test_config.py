@@ -2,7 +2,7 @@
 
 import pytest
 
-from raymoe.config import ConfigError, PRESETS, load_config
+from raymoe.config import PRESETS, ConfigError, load_config
 
 
 def test_reference_presets_have_the_paper_shapes_and_recipe():

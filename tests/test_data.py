@@ -10,14 +10,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import CORPUS, REPO
 
 from raymoe.data.prepare import PrepareError, PrepareOptions, is_validation, prepare, read_documents
 from raymoe.data.shards import DatasetError, PreparedDataset
 from raymoe.data.stream import Cursor, SequenceReader
 from raymoe.data.text import decode_text, strip_gutenberg
 from raymoe.data.tokenizers import gpt2_tokenizer, load_tokenizer, train_tokenizer
-
-from conftest import CORPUS, REPO
 
 BOOKS = [CORPUS / "Dickens_Charles" / "A_Christmas_Carol.txt",
          CORPUS / "Twain_Mark" / "A_Dog_s_Tale.txt",

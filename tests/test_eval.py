@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import REPO
+from sentence_models import SENTENCES
 
 from raymoe.cli import main
 from raymoe.eval import harness
@@ -19,9 +21,6 @@ from raymoe.eval.scoring import Scorer
 from raymoe.eval.tasks import TASKS, ChoiceExample, EvalDataError, load_examples
 from raymoe.model.generation import Sampling, generate
 from raymoe.parallel.checkpoint import CheckpointError
-
-from conftest import REPO
-from sentence_models import SENTENCES
 
 EVAL_DATA = REPO.parent / "shared" / "data" / "eval"
 
@@ -295,8 +294,9 @@ def test_a_missing_or_foreign_checkpoint_is_named(tmp_path, sentence_run):
 
 
 def test_a_trainer_checkpoint_records_its_tokenizer(dataset, tmp_path):
-    from raymoe.train.loop import FileHooks, Trainer
     from test_train import config
+
+    from raymoe.train.loop import FileHooks, Trainer
 
     cfg = config(dataset, str(tmp_path), "tok", "parallel.num_workers=1", "train.max_steps=1",
                  "train.checkpoint_every=1")

@@ -5,14 +5,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from multiproc import run_distributed
 
 from raymoe.config import load_config
 from raymoe.model import GPT
 from raymoe.parallel import Mesh, MeshLayout
 from raymoe.train.optim import build_optimizer
 from raymoe.train.step import train_step
-
-from multiproc import run_distributed
 
 GLOBAL_BATCH = 8  # sequences, split evenly over the ranks
 

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 import transformers
+from multiproc import run_distributed
 
 from raymoe.cli import main
 from raymoe.config import config_from_dict, load_config
@@ -17,9 +18,6 @@ from raymoe.eval.scoring import Scorer
 from raymoe.model import GPT
 from raymoe.parallel.checkpoint import save_checkpoint, step_directory
 from raymoe.parallel.mesh import Mesh
-
-from multiproc import run_distributed
-
 
 
 def _logits(model, ids: torch.Tensor, vocab: int) -> torch.Tensor:

@@ -15,10 +15,9 @@ from pathlib import Path
 
 import psutil
 import pytest
+from conftest import REPO, free_port
 
 from raymoe.jobs import JobError, RaymoeJobs
-
-from conftest import REPO, free_port
 
 BIN = Path(sys.executable).parent
 

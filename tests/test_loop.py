@@ -7,11 +7,10 @@ import math
 
 import pytest
 import torch
+from test_train import config
 
 from raymoe.parallel.checkpoint import latest_checkpoint, step_directory
 from raymoe.train.loop import FileHooks, NonFiniteLossError, Trainer
-
-from test_train import config
 
 
 def make_trainer(cfg, run_dir, log=None) -> Trainer:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raymoe.config import MoEConfig, ModelConfig
+from raymoe.config import ModelConfig, MoEConfig
 from raymoe.model.gpt import MLP
 from raymoe.model.moe import MoELayer
 

@@ -16,7 +16,6 @@ import pytest
 from raymoe.config import load_config
 from raymoe.train.launcher import ClusterTooSmallError, train_on_ray
 
-
 SMALL = ["model.seq_len=32", "model.d_model=32", "model.n_layer=2", "model.n_head=2",
          "train.global_batch=8", "train.micro_batch=4", "train.log_every=1",
          "train.eval_every=1000", "train.eval_batches=1", "optim.warmup_tokens=1000"]

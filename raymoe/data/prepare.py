@@ -17,23 +17,23 @@ import io
 import json
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import PurePosixPath
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 
-from raymoe.data.shards import (FORMAT, MANIFEST, SPLITS, DatasetError, encode_shard, sha256,
-                                token_dtype)
+from raymoe.data.shards import FORMAT, MANIFEST, SPLITS, DatasetError, encode_shard, sha256, token_dtype
 from raymoe.data.storage import StorageError, locate
 from raymoe.data.text import decode_text, strip_gutenberg
 from raymoe.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_from_json
-from raymoe.errors import find_cause
+from raymoe.errors import RaymoeError, find_cause
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
 
-class PrepareError(ValueError):
+class PrepareError(RaymoeError, ValueError):
     """Bad input to prepare; the message names the file or bucket."""
 
 

@@ -23,13 +23,14 @@ import pyarrow.parquet as pq
 
 from raymoe.data.storage import Location, locate
 from raymoe.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_from_json
+from raymoe.errors import RaymoeError
 
 FORMAT = "raymoe-dataset/1"
 MANIFEST = "manifest.json"
 SPLITS = ("train", "validation")
 
 
-class DatasetError(ValueError):
+class DatasetError(RaymoeError, ValueError):
     """A prepared dataset is missing, incomplete or corrupt; the message names the file."""
 
 
@@ -80,7 +81,7 @@ class PreparedDataset:
         self.manifest = manifest
 
     @classmethod
-    def open(cls, uri: str) -> "PreparedDataset":
+    def open(cls, uri: str) -> PreparedDataset:
         root = locate(uri)
         manifest_file = root.join(MANIFEST)
         if not manifest_file.exists():

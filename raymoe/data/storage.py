@@ -14,8 +14,10 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
+from raymoe.errors import RaymoeError
 
-class StorageError(OSError):
+
+class StorageError(RaymoeError, OSError):
     """A path or bucket cannot be read or written; the message names it."""
 
 
@@ -45,7 +47,7 @@ class Location:
     path: str
     uri: str
 
-    def join(self, *parts: str) -> "Location":
+    def join(self, *parts: str) -> Location:
         sep = "/" if is_s3(self.uri) else os.sep
         return Location(self.fs, posixpath.join(self.path, *parts),
                         self.uri.rstrip("/" + os.sep) + sep + sep.join(parts))
@@ -79,7 +81,7 @@ class Location:
     def delete(self) -> None:
         self._call("delete", lambda: self.fs.delete_file(self.path))
 
-    def list_files(self) -> list["Location"]:
+    def list_files(self) -> list[Location]:
         """Every file below this location (or itself, when it is a file), sorted."""
         def listing() -> list[pafs.FileInfo]:
             info = self.fs.get_file_info(self.path)

@@ -17,8 +17,9 @@ ordered task per segment, prefetched), so S3 or local shards load in the backgro
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import numpy as np
 
@@ -39,7 +40,7 @@ class Cursor:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "Cursor":
+    def from_dict(cls, data: dict[str, Any]) -> Cursor:
         return cls(int(data["epoch"]), int(data["position"]))
 
 
@@ -66,7 +67,7 @@ class SequenceReader:
     """This rank's share of the sequences (numpy arrays of seq_len + 1 token ids)."""
 
     def __init__(self, dataset: PreparedDataset, split: str, rank: int, world_size: int,
-                 seed: int, cursor: Optional[Cursor] = None, shuffle: bool = True,
+                 seed: int, cursor: Cursor | None = None, shuffle: bool = True,
                  prefetch_segments: int = 2):
         self.dataset = dataset
         self.split = split
@@ -120,7 +121,7 @@ class SequenceReader:
         if hasattr(self._rows, "close"):
             self._rows.close()
 
-    def __enter__(self) -> "SequenceReader":
+    def __enter__(self) -> SequenceReader:
         return self
 
     def __exit__(self, *exc: object) -> None:

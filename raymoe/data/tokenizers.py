@@ -7,8 +7,9 @@ to load it again: "gpt2", "bytes", or the path of a tokenizer.json.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Iterable, Protocol
+from typing import Protocol
 
 EOT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -132,7 +131,7 @@ def load_moe_export(directory: str | Path) -> GPT:
     return model.eval()
 
 
-def write_tokenizer(tokenizer: Tokenizer, out: Path, max_length: int) -> Optional[str]:
+def write_tokenizer(tokenizer: Tokenizer, out: Path, max_length: int) -> str | None:
     """Hugging Face tokenizer files: GPT-2's vocab.json + merges.txt, or a trained BPE's
     tokenizer.json. Raw bytes have no Hugging Face tokenizer: none is written."""
     special = {"bos_token": "<|endoftext|>", "eos_token": "<|endoftext|>",

@@ -6,15 +6,21 @@ from __future__ import annotations
 import json
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
-from raymoe.eval.metrics import (MetricResult, aggregate, choice_record, completion_record,
-                                 exact_match, format_value)
+from raymoe.eval.metrics import (
+    MetricResult,
+    aggregate,
+    choice_record,
+    completion_record,
+    exact_match,
+    format_value,
+)
 from raymoe.eval.scoring import Scorer
-from raymoe.model.precision import autocast
 from raymoe.eval.tasks import Example, Task, get_task, load_examples, task_file
+from raymoe.model.precision import autocast
 
 CHUNK = 32
 """Examples per unit of work: what one Ray worker scores at a time, and the progress step."""
@@ -23,11 +29,11 @@ CHUNK = 32
 @dataclass
 class EvalOptions:
     tasks: list[str]
-    data_dir: Optional[str] = None
+    data_dir: str | None = None
     """A directory laid out as the published sets (see Task.default_file)."""
     files: dict[str, str] = field(default_factory=dict)
     """task name -> its file, overriding data_dir."""
-    limit: Optional[int] = None
+    limit: int | None = None
     """Score only the first ``limit`` examples of each task."""
     batch_size: int = 16
     use_cache: bool = True
@@ -121,7 +127,7 @@ class EvalResults:
 
 
 def collect(tasks: list[Task], chunks: list[Chunk], records: Iterable[list[dict[str, float]]],
-            progress: Optional[Progress]) -> list[MetricResult]:
+            progress: Progress | None) -> list[MetricResult]:
     """Aggregate chunk records (arriving in chunk order) per task."""
     per_task: dict[str, list[dict[str, float]]] = {t.name: [] for t in tasks}
     for chunk, chunk_records in zip(chunks, records):

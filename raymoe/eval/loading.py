@@ -9,7 +9,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -17,8 +17,14 @@ from raymoe.config import Config, config_from_dict
 from raymoe.data.storage import is_s3, locate
 from raymoe.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_from_json
 from raymoe.model import GPT
-from raymoe.parallel.checkpoint import (FORMAT, MANIFEST, STEP_DIR, CheckpointError,
-                                        load_checkpoint, read_manifest)
+from raymoe.parallel.checkpoint import (
+    FORMAT,
+    MANIFEST,
+    STEP_DIR,
+    CheckpointError,
+    load_checkpoint,
+    read_manifest,
+)
 from raymoe.parallel.mesh import Mesh
 
 
@@ -75,7 +81,7 @@ def _download(uri: str) -> Path:
 
 
 def load_model(path: str, device: str | torch.device = "cpu",
-               tokenizer: Optional[str] = None) -> LoadedModel:
+               tokenizer: str | None = None) -> LoadedModel:
     """The model of checkpoint ``path`` on ``device``, ready for inference.
 
     ``tokenizer`` overrides the one recorded with the checkpoint ("gpt2", "bytes" or a
@@ -107,7 +113,7 @@ def inference_config(cfg: Config) -> Config:
 
 
 def _tokenizer(directory: Path, extra: dict[str, Any], cfg: Config,
-               override: Optional[str]) -> Tokenizer:
+               override: str | None) -> Tokenizer:
     if override:
         return load_tokenizer(override)
     spec = extra.get("tokenizer")

@@ -3,18 +3,26 @@ loads the checkpoint once and scores whole chunks, so the numbers equal one proc
 
 from __future__ import annotations
 
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 
 from raymoe.errors import root_cause
-from raymoe.eval.harness import Chunk, ChunkScorer, EvalOptions, EvalResults, evaluate, score_chunk, score_here
+from raymoe.eval.harness import (
+    Chunk,
+    ChunkScorer,
+    EvalOptions,
+    EvalResults,
+    evaluate,
+    score_chunk,
+    score_here,
+)
 from raymoe.eval.loading import checkpoint_manifest, load_model
 from raymoe.eval.scoring import Scorer
 
 
 def evaluate_checkpoint(checkpoint: str, options: EvalOptions, *, workers: int = 0,
-                        cpus_per_worker: float = 1.0, tokenizer: Optional[str] = None,
+                        cpus_per_worker: float = 1.0, tokenizer: str | None = None,
                         device: str = "cpu", show_progress: bool = True) -> EvalResults:
     """``workers`` > 0: score on that many Ray actors of the connected cluster, each
     loading the checkpoint itself (this process only reads its manifest)."""
@@ -32,12 +40,12 @@ class EvalWorker:
     """A Ray actor holding one copy of the model, loaded by its first task (an error in
     a task reaches the caller as itself; one in an actor's constructor only as text)."""
 
-    def __init__(self, checkpoint: str, options: EvalOptions, tokenizer: Optional[str],
+    def __init__(self, checkpoint: str, options: EvalOptions, tokenizer: str | None,
                  device: str, threads: int):
         torch.set_num_threads(threads)
         self.source = (checkpoint, device, tokenizer)
         self.options = options
-        self.scorer: Optional[Scorer] = None
+        self.scorer: Scorer | None = None
 
     def score(self, chunk: Chunk) -> list[dict[str, float]]:
         if self.scorer is None:
@@ -47,7 +55,7 @@ class EvalWorker:
 
 
 def score_on_ray(checkpoint: str, options: EvalOptions, workers: int, cpus_per_worker: float,
-                 tokenizer: Optional[str], device: str) -> ChunkScorer:
+                 tokenizer: str | None, device: str) -> ChunkScorer:
     import ray
     from ray.util import ActorPool
 

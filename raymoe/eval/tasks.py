@@ -18,12 +18,15 @@ releases):
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Union
+
+from raymoe.errors import RaymoeError
 
 
-class EvalDataError(ValueError):
+class EvalDataError(RaymoeError, ValueError):
     """A task file is missing or malformed; the message names the file (and line)."""
 
 
@@ -302,7 +305,7 @@ def get_task(name: str) -> Task:
     return Task(name, "choice", f"{name}.jsonl", load_multiple_choice, ("acc", "acc_norm"), "acc", name)
 
 
-def task_file(task: Task, data_dir: Optional[str], files: dict[str, str]) -> Path:
+def task_file(task: Task, data_dir: str | None, files: dict[str, str]) -> Path:
     """The file of ``task``: given on the command line, or in the eval data directory."""
     if task.name in files:
         return Path(files[task.name]).expanduser()
@@ -312,7 +315,7 @@ def task_file(task: Task, data_dir: Optional[str], files: dict[str, str]) -> Pat
     return Path(data_dir).expanduser() / task.default_file
 
 
-def load_examples(task: Task, path: Path, limit: Optional[int] = None) -> list[Example]:
+def load_examples(task: Task, path: Path, limit: int | None = None) -> list[Example]:
     if not path.exists():
         raise EvalDataError(f"task {task.name}: {path}: no such file or directory")
     examples = task.load(path)

@@ -9,8 +9,8 @@ tokens are kept, combine weights) follows deepspeed/moe/sharded_moe.py; see DESI
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,7 @@ def _load_balancing_loss(gates: Tensor, expert: Tensor) -> Tensor:
     return (me * ce).sum() * num_experts
 
 
-def _no_drop_capacity(exp_counts: Tensor, reduce_max: Optional[CapacityReducer]) -> int:
+def _no_drop_capacity(exp_counts: Tensor, reduce_max: CapacityReducer | None) -> int:
     capacity = int(exp_counts.max())
     if reduce_max is not None:
         capacity = reduce_max(capacity)
@@ -78,9 +78,9 @@ def _no_drop_capacity(exp_counts: Tensor, reduce_max: Optional[CapacityReducer])
 
 def top1_gating(logits: Tensor, capacity_factor: float = 1.0, min_capacity: int = 4,
                 drop_tokens: bool = True, use_rts: bool = True,
-                noisy_gate_policy: Optional[str] = None,
-                reduce_max: Optional[CapacityReducer] = None,
-                generator: Optional[torch.Generator] = None) -> GateOutput:
+                noisy_gate_policy: str | None = None,
+                reduce_max: CapacityReducer | None = None,
+                generator: torch.Generator | None = None) -> GateOutput:
     """DeepSpeed's top1gating on (S, E) fp32 router logits.
 
     Without RTS an over-full expert keeps its first ``capacity`` tokens in token order.
@@ -121,8 +121,8 @@ def top1_gating(logits: Tensor, capacity_factor: float = 1.0, min_capacity: int 
 
 def top2_gating(logits: Tensor, capacity_factor: float = 1.0, min_capacity: int = 4,
                 drop_tokens: bool = True, second_expert_sampling: bool = True,
-                reduce_max: Optional[CapacityReducer] = None,
-                generator: Optional[torch.Generator] = None) -> GateOutput:
+                reduce_max: CapacityReducer | None = None,
+                generator: torch.Generator | None = None) -> GateOutput:
     """DeepSpeed's top2gating: outputs have shape (S, 2); first choices fill slots first."""
     num_tokens, num_experts = logits.shape
     gates = F.softmax(logits, dim=1)
@@ -157,7 +157,7 @@ def router_z_loss(logits: Tensor) -> Tensor:
 
 
 def _uniform(shape: tuple[int, ...] | torch.Size, like: Tensor,
-             generator: Optional[torch.Generator]) -> Tensor:
+             generator: torch.Generator | None) -> Tensor:
     """U(0, 1) strictly inside (0, 1) so that Gumbel noise stays finite."""
     u = torch.rand(shape, device=like.device, dtype=like.dtype, generator=generator)
     tiny = torch.finfo(like.dtype).tiny

@@ -3,8 +3,8 @@ top-p) over left-padded batches of prompts."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 from torch import Tensor
@@ -28,7 +28,7 @@ class Sampling:
         if not 0.0 < self.top_p <= 1.0:
             raise ValueError(f"top_p={self.top_p}: expected a value in (0, 1]")
 
-    def pick(self, logits: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
+    def pick(self, logits: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """(batch, vocab) logits -> (batch,) next token ids."""
         if self.temperature == 0.0:
             return logits.argmax(dim=-1)
@@ -59,8 +59,8 @@ def left_pad(prompts: list[list[int]], pad_id: int, device: torch.device) -> tup
 @torch.no_grad()
 def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int,
              sampling: Sampling = Sampling(), *, use_cache: bool = True,
-             is_done: Optional[Callable[[list[int]], bool]] = None,
-             generator: Optional[torch.Generator] = None) -> list[list[int]]:
+             is_done: Callable[[list[int]], bool] | None = None,
+             generator: torch.Generator | None = None) -> list[list[int]]:
     """The new tokens of each prompt (prompts are token id lists, not empty).
 
     A row stops once ``is_done(its new tokens)`` says so; generation ends when every row

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -37,7 +36,7 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model)
         self.proj = nn.Linear(cfg.d_model, cfg.d_model)
 
-    def forward(self, x: Tensor, cache: Optional[LayerCache] = None) -> Tensor:
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> Tensor:
         batch, seq, dim = x.shape
         q, k, v = self.qkv(x).split(dim, dim=2)
         q, k, v = (t.view(batch, seq, self.n_head, dim // self.n_head).transpose(1, 2)
@@ -62,7 +61,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_index: int, exchange: Optional[ExpertExchange]):
+    def __init__(self, cfg: ModelConfig, layer_index: int, exchange: ExpertExchange | None):
         super().__init__()
         self.ln_1 = nn.LayerNorm(cfg.d_model)
         self.attn = CausalSelfAttention(cfg)
@@ -72,7 +71,7 @@ class Block(nn.Module):
                                if self.is_moe else MLP(cfg))
         self.drop = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: Tensor, cache: Optional[LayerCache] = None) -> tuple[Tensor, Optional[MoEStats]]:
+    def forward(self, x: Tensor, cache: LayerCache | None = None) -> tuple[Tensor, MoEStats | None]:
         x = x + self.drop(self.attn(self.ln_1(x), cache))
         if self.is_moe:
             out, stats = self.mlp(self.ln_2(x))
@@ -84,18 +83,18 @@ class Block(nn.Module):
 @dataclass
 class GPTOutput:
     logits: Tensor
-    lm_loss: Optional[Tensor] = None
+    lm_loss: Tensor | None = None
     """Mean next-token cross-entropy, when targets were given."""
-    l_aux: Optional[Tensor] = None
+    l_aux: Tensor | None = None
     """Sum of the MoE layers' load-balancing losses (0 for a dense model)."""
-    z_loss: Optional[Tensor] = None
-    loss: Optional[Tensor] = None
+    z_loss: Tensor | None = None
+    loss: Tensor | None = None
     """What to minimise: lm_loss + moe.loss_coef * l_aux + moe.z_loss_coef * z_loss."""
     moe_stats: list[MoEStats] = field(default_factory=list)
 
 
 class GPT(nn.Module):
-    def __init__(self, cfg: ModelConfig, exchange: Optional[ExpertExchange] = None):
+    def __init__(self, cfg: ModelConfig, exchange: ExpertExchange | None = None):
         """``exchange`` connects MoE layers to their expert-parallel group (None: local)."""
         super().__init__()
         self.cfg = cfg
@@ -134,8 +133,8 @@ class GPT(nn.Module):
     def moe_layers(self) -> list[MoELayer]:
         return [b.mlp for b in self.blocks if b.is_moe]
 
-    def forward(self, idx: Tensor, targets: Optional[Tensor] = None,
-                cache: Optional[KVCache] = None, keep_last: Optional[int] = None) -> GPTOutput:
+    def forward(self, idx: Tensor, targets: Tensor | None = None,
+                cache: KVCache | None = None, keep_last: int | None = None) -> GPTOutput:
         """``cache``: attend to its keys and values too, store this call's, and advance it
         (incremental decoding; its left padding is masked and not counted in positions).
         ``keep_last``: logits of the last positions only (the rest are not computed)."""
@@ -152,7 +151,7 @@ class GPT(nn.Module):
         loss = lm_loss + moe.loss_coef * l_aux + moe.z_loss_coef * z_loss
         return GPTOutput(logits, lm_loss, l_aux, z_loss, loss, stats)
 
-    def features(self, idx: Tensor, cache: Optional[KVCache] = None) -> tuple[Tensor, list[MoEStats]]:
+    def features(self, idx: Tensor, cache: KVCache | None = None) -> tuple[Tensor, list[MoEStats]]:
         """The final (normalised) hidden states, before the output embedding."""
         seq = idx.shape[1]
         positions = torch.arange(seq, device=idx.device) if cache is None else cache.positions(seq)
@@ -179,8 +178,8 @@ class GPT(nn.Module):
         """Logits over the padded vocabulary (the output embedding is the input one)."""
         return F.linear(features, self.wte.weight)
 
-    def new_cache(self, batch: int, max_len: int, pad: Optional[Tensor] = None,
-                  dtype: Optional[torch.dtype] = None) -> KVCache:
+    def new_cache(self, batch: int, max_len: int, pad: Tensor | None = None,
+                  dtype: torch.dtype | None = None) -> KVCache:
         """An empty KV cache for ``batch`` rows of up to ``max_len`` tokens."""
         cfg = self.cfg
         return KVCache(cfg.n_layer, batch, cfg.n_head, cfg.d_model // cfg.n_head, max_len,

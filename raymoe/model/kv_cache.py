@@ -8,15 +8,13 @@ first real token of every row has position 0). Keys and values are preallocated 
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
 
 class KVCache:
     def __init__(self, n_layer: int, batch: int, n_head: int, head_dim: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device | str, pad: Optional[Tensor] = None):
+                 dtype: torch.dtype, device: torch.device | str, pad: Tensor | None = None):
         shape = (n_layer, batch, n_head, max_len, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device)
         self.values = torch.zeros(shape, dtype=dtype, device=device)
@@ -68,7 +66,7 @@ class KVCache:
     def advance(self, new_tokens: int) -> None:
         self.length += new_tokens
 
-    def repeat_rows(self, counts: list[int]) -> "KVCache":
+    def repeat_rows(self, counts: list[int]) -> KVCache:
         """A cache whose rows are row i of this one repeated counts[i] times (one context
         shared by several continuations)."""
         index = torch.repeat_interleave(torch.arange(self.batch, device=self.pad.device),

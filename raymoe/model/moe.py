@@ -14,15 +14,21 @@ expert-parallel exchange over torch.distributed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raymoe.config import MoEConfig
-from raymoe.model.gating import (GateOutput, expert_capacity, position_in_expert,
-                                 router_z_loss, top1_gating, top2_gating)
+from raymoe.model.gating import (
+    GateOutput,
+    expert_capacity,
+    position_in_expert,
+    router_z_loss,
+    top1_gating,
+    top2_gating,
+)
 
 __all__ = ["ExpertExchange", "is_expert_parameter", "LocalExchange", "MoELayer", "MoEStats", "Router", "Experts",
            "GateOutput", "expert_capacity", "top1_gating", "top2_gating"]
@@ -80,7 +86,7 @@ class MoEStats:
 class Router(nn.Module):
     """The gate's linear map, always computed in fp32 (also under bf16 autocast)."""
 
-    def __init__(self, d_model: int, num_experts: int, noisy_gate_policy: Optional[str]):
+    def __init__(self, d_model: int, num_experts: int, noisy_gate_policy: str | None):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.noisy_gate_policy = noisy_gate_policy
@@ -224,7 +230,7 @@ def _accumulate_bias(param: Tensor, part: slice, grad_out: Tensor) -> None:
 
 class MoELayer(nn.Module):
     def __init__(self, d_model: int, d_ffn: int, cfg: MoEConfig,
-                 exchange: Optional[ExpertExchange] = None):
+                 exchange: ExpertExchange | None = None):
         super().__init__()
         self.cfg = cfg
         self.exchange: ExpertExchange = exchange or LocalExchange()
@@ -235,7 +241,7 @@ class MoELayer(nn.Module):
         self.num_local_experts = cfg.num_experts // self.exchange.ep_size
         self.router = Router(d_model, cfg.num_experts, cfg.noisy_gate_policy)
         self.experts = Experts(self.num_local_experts, d_model, d_ffn)
-        self.last_stats: Optional[MoEStats] = None
+        self.last_stats: MoEStats | None = None
 
     @property
     def global_expert_ids(self) -> range:

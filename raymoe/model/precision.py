@@ -3,12 +3,10 @@ on CPU (the same code on either device). Routers and log-probabilities stay in f
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 
-def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+def autocast_dtype(device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if device.type == "cuda" else None
 
 

@@ -18,12 +18,13 @@ import json
 import os
 import re
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from raymoe.errors import RaymoeError
 from raymoe.model.moe import is_expert_parameter
 from raymoe.parallel.mesh import Mesh
 
@@ -33,7 +34,7 @@ DENSE_FILE = "dense.pt"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(RaymoeError, RuntimeError):
     """A checkpoint is missing, incomplete, or of another model."""
 
 
@@ -41,7 +42,7 @@ def step_directory(root: str | Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
-def latest_checkpoint(root: str | Path) -> Optional[Path]:
+def latest_checkpoint(root: str | Path) -> Path | None:
     """The highest-step complete checkpoint under ``root``; incomplete ones are skipped."""
     root = Path(root)
     if not root.is_dir():
@@ -66,7 +67,7 @@ def _barrier(mesh: Mesh) -> None:
         dist.barrier()
 
 
-def _adam_state(optimizer: Optional[torch.optim.Optimizer], param: nn.Parameter) -> dict[str, Tensor]:
+def _adam_state(optimizer: torch.optim.Optimizer | None, param: nn.Parameter) -> dict[str, Tensor]:
     if optimizer is None:
         return {}
     return {k: v for k, v in optimizer.state.get(param, {}).items() if isinstance(v, Tensor)}
@@ -77,9 +78,9 @@ def _rank_file(rank: int) -> str:
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, mesh: Mesh,
-                    optimizer: Optional[torch.optim.Optimizer] = None,
-                    extra: Optional[dict[str, Any]] = None,
-                    rank_state: Optional[dict[str, Any]] = None) -> Path:
+                    optimizer: torch.optim.Optimizer | None = None,
+                    extra: dict[str, Any] | None = None,
+                    rank_state: dict[str, Any] | None = None) -> Path:
     """Collective: every rank calls it. ``extra`` (JSON) goes into the manifest;
     ``rank_state`` is this rank's own (for example its RNG states).
 
@@ -128,7 +129,7 @@ def save_checkpoint(directory: str | Path, model: nn.Module, mesh: Mesh,
     return directory
 
 
-def load_rank_state(directory: str | Path, mesh: Mesh) -> Optional[dict[str, Any]]:
+def load_rank_state(directory: str | Path, mesh: Mesh) -> dict[str, Any] | None:
     """This rank's saved state, when the checkpoint was written by as many ranks."""
     if read_manifest(directory)["world_size"] != mesh.world_size:
         return None
@@ -148,7 +149,7 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(directory: str | Path, model: nn.Module, mesh: Mesh,
-                    optimizer: Optional[torch.optim.Optimizer] = None) -> dict[str, Any]:
+                    optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
     """Load into this rank's model (and optimizer); returns the manifest's ``extra``."""
     directory = Path(directory)
     manifest = read_manifest(directory)

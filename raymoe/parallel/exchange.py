@@ -17,7 +17,7 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, send_counts: list[int], recv_counts: list[int],
-                exchange: "ProcessGroupExchange") -> Tensor:
+                exchange: ProcessGroupExchange) -> Tensor:
         ctx.counts = (send_counts, recv_counts)
         ctx.exchange = exchange
         return exchange.exchange_rows(x, send_counts, recv_counts)

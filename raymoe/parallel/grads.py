@@ -13,7 +13,7 @@ equals the 1-rank step on the same global batch for every EP size.
 
 from __future__ import annotations
 
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 import torch.distributed as dist
@@ -43,7 +43,7 @@ def _grads(params: Iterable[nn.Parameter]) -> list[Tensor]:
     return out
 
 
-def _all_reduce_scaled(grads: list[Tensor], group: Optional[dist.ProcessGroup], divisor: int) -> None:
+def _all_reduce_scaled(grads: list[Tensor], group: dist.ProcessGroup | None, divisor: int) -> None:
     if not grads:
         return
     flat = _flatten_dense_tensors(grads)

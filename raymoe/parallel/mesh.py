@@ -9,7 +9,6 @@ form an expert-data-parallel group, over which those experts' gradients are redu
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch.distributed as dist
 
@@ -62,8 +61,8 @@ class Mesh:
             world_size, rank = 1, 0
         self.layout = MeshLayout(world_size, ep_size)
         self.rank = rank
-        self.ep_group: Optional[dist.ProcessGroup] = None
-        self.expert_dp_group: Optional[dist.ProcessGroup] = None
+        self.ep_group: dist.ProcessGroup | None = None
+        self.expert_dp_group: dist.ProcessGroup | None = None
         if world_size > 1:
             self.ep_group = self._own_group(self.layout.ep_groups)
             self.expert_dp_group = self._own_group(self.layout.expert_dp_groups)

@@ -7,22 +7,31 @@ import contextlib
 import dataclasses
 import os
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any
 
 import pyarrow.fs as pafs
 import ray
 import ray.train
-from ray.train import (Checkpoint, CheckpointConfig, CheckpointUploadMode, FailureConfig,
-                       LoggingConfig, RunConfig, ScalingConfig)
+from ray.train import (
+    Checkpoint,
+    CheckpointConfig,
+    CheckpointUploadMode,
+    FailureConfig,
+    LoggingConfig,
+    RunConfig,
+    ScalingConfig,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raymoe.config import Config, config_from_dict
 from raymoe.data.storage import is_s3, s3_filesystem
+from raymoe.errors import RaymoeError
 
 
-class ClusterTooSmallError(RuntimeError):
+class ClusterTooSmallError(RaymoeError, RuntimeError):
     """The config asks for more than the cluster has (and waiting was not asked for)."""
 
 
@@ -31,7 +40,7 @@ class RayTrainHooks:
     ray.train.get_checkpoint (the latest of this run name in this storage)."""
 
     @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Optional[Path]]:
+    def latest_checkpoint(self) -> Iterator[Path | None]:
         checkpoint = ray.train.get_checkpoint()
         if checkpoint is None:
             yield None
@@ -48,7 +57,7 @@ class RayTrainHooks:
     def new_checkpoint_dir(self, step: int) -> Path:
         return Path(tempfile.mkdtemp(prefix=f"raymoe-step-{step:08d}-"))
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path], step: int) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return
@@ -59,13 +68,12 @@ class RayTrainHooks:
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
-    import ray.train.torch
-
-    from raymoe.train.loop import Trainer
-
     import logging
 
+    import ray.train.torch
     from ray.train.v2._internal.execution import context as train_context
+
+    from raymoe.train.loop import Trainer
 
     # Keep the console to raymoe's lines: Ray Data's and each report's INFO logs go quiet
     # (the report logger is named after its module's file).
@@ -121,7 +129,7 @@ def check_cluster_fits(cfg: Config, wait: bool) -> None:
 
 
 def train_on_ray(cfg: Config, wait_for_resources: bool = False,
-                 callbacks: Optional[list] = None) -> ray.train.Result:
+                 callbacks: list | None = None) -> ray.train.Result:
     """Run (or resume: same run name and storage) a training on the connected cluster.
     ``callbacks`` go to the RunConfig (a Tune trial passes TuneReportCallback)."""
     check_cluster_fits(cfg, wait_for_resources)

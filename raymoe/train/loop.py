@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
@@ -20,28 +21,34 @@ from raymoe.config import Config
 from raymoe.data.shards import DatasetError, PreparedDataset
 from raymoe.data.stream import Cursor, SequenceReader
 from raymoe.data.tokenizers import TOKENIZER_FILE
+from raymoe.errors import RaymoeError
 from raymoe.model import GPT
 from raymoe.model.precision import autocast, autocast_dtype
 from raymoe.parallel import Mesh
-from raymoe.parallel.checkpoint import (latest_checkpoint, load_checkpoint, load_rank_state,
-                                        save_checkpoint, step_directory)
+from raymoe.parallel.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    load_rank_state,
+    save_checkpoint,
+    step_directory,
+)
 from raymoe.train.metrics import MetricsWriter, StepTimer, step_metrics
 from raymoe.train.optim import build_optimizer, learning_rate, set_learning_rate
 from raymoe.train.step import train_step
 
 
-class NonFiniteLossError(FloatingPointError):
+class NonFiniteLossError(RaymoeError, FloatingPointError):
     """Too many consecutive steps had a non-finite loss or gradient."""
 
 
 class RunHooks(Protocol):
-    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Optional[Path]]:
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
         """A local directory holding the latest complete checkpoint, or None."""
 
     def new_checkpoint_dir(self, step: int) -> Path:
         """Where this rank writes the files of the checkpoint of ``step``."""
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path], step: int) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         """Publish metrics (and a written checkpoint)."""
 
 
@@ -62,13 +69,13 @@ class FileHooks:
         self.run_dir, self.keep, self.rank = Path(run_dir), keep, rank
 
     @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Optional[Path]]:
+    def latest_checkpoint(self) -> Iterator[Path | None]:
         yield latest_checkpoint(self.run_dir)
 
     def new_checkpoint_dir(self, step: int) -> Path:
         return step_directory(self.run_dir, step)
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Optional[Path], step: int) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         if checkpoint_dir is None or self.rank != 0:
             return
         complete = sorted(p for p in self.run_dir.glob("step-*") if (p / "manifest.json").is_file())
@@ -80,7 +87,7 @@ class FileHooks:
 
 class Trainer:
     def __init__(self, cfg: Config, hooks: RunHooks, device: torch.device,
-                 metrics_dir: Optional[Path] = None, log=print):
+                 metrics_dir: Path | None = None, log=print):
         self.cfg, self.hooks, self.device, self.log = cfg, hooks, device, log
         self.mesh = Mesh(cfg.parallel.ep_size)
         self.rank, self.world = self.mesh.rank, self.mesh.world_size
@@ -113,7 +120,7 @@ class Trainer:
                                f"has {dataset.vocab_size} tokens, model.vocab_size is {m.vocab_size}")
         return dataset
 
-    def _resume(self) -> Optional[Cursor]:
+    def _resume(self) -> Cursor | None:
         with self.hooks.latest_checkpoint() as directory:
             if directory is None:
                 return None
@@ -198,7 +205,7 @@ class Trainer:
                 self._publish(metrics, checkpoint)
         return TrainSummary(self.step, self.tokens, last_loss, validation, self.skipped)
 
-    def _publish(self, metrics: dict[str, Any], checkpoint: Optional[Path]) -> None:
+    def _publish(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         if self.metrics is not None:
             self.metrics.write(self.step, metrics)
             if "loss" in metrics:

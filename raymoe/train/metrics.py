@@ -8,7 +8,7 @@ import json
 import math
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,7 +30,7 @@ class StepTimer:
         return time.perf_counter() - self._start
 
 
-def peak_flops(device: torch.device, configured: float) -> Optional[float]:
+def peak_flops(device: torch.device, configured: float) -> float | None:
     if configured > 0:
         return configured
     if device.type != "cuda":
@@ -39,13 +39,13 @@ def peak_flops(device: torch.device, configured: float) -> Optional[float]:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def flops_per_token(trainer: "Trainer") -> float:
+def flops_per_token(trainer: Trainer) -> float:
     """Training FLOPs per token: 6 x active parameters plus attention (12 x L x d x T)."""
     m = trainer.cfg.model
     return 6 * trainer.model.num_parameters(active_only=True) + 12 * m.n_layer * m.d_model * m.seq_len
 
 
-def step_metrics(trainer: "Trainer", result: "StepResult", lr: float, seconds: float,
+def step_metrics(trainer: Trainer, result: StepResult, lr: float, seconds: float,
                  data_wait: float, tokens_per_step: int) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "loss": result.loss, "lm_loss": result.lm_loss, "l_aux": result.l_aux, "lr": lr,

@@ -6,8 +6,8 @@ A step whose loss or gradient norm is not finite on any rank is skipped on every
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -36,7 +36,7 @@ class StepResult:
 
 def train_step(model: GPT, optimizer: torch.optim.Optimizer, mesh: Mesh,
                micro_batches: Iterable[tuple[Tensor, Tensor]], grad_clip: float,
-               autocast_dtype: Optional[torch.dtype] = None) -> StepResult:
+               autocast_dtype: torch.dtype | None = None) -> StepResult:
     """Each rank passes its own micro-batches (the same number on every rank); the step
     equals one process taking all ranks' micro-batches with gradient accumulation."""
     batches = list(micro_batches)
