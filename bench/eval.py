@@ -81,7 +81,7 @@ def cache_ratio(checkpoint: Path, task: str, options: EvalOptions) -> str:
         opts = EvalOptions([task], limit=options.limit, batch_size=options.batch_size,
                            use_cache=use_cache, max_new_tokens=options.max_new_tokens)
         score_chunk(scorer, chunks[0], opts)  # warm-up
-        seconds = timed(lambda: [score_chunk(scorer, c, opts) for c in chunks])
+        seconds = timed(lambda opts=opts: [score_chunk(scorer, c, opts) for c in chunks])
         examples = sum(len(c.examples) for c in chunks)
         tokens = examples * options.max_new_tokens if generation else scored_tokens(scorer, chunks)
         rates[use_cache] = tokens / seconds
@@ -96,7 +96,7 @@ def ray_ratio(checkpoint: Path, options: EvalOptions, cpus: int) -> str:
     spread = evaluate_checkpoint(str(checkpoint), options, workers=cpus, cpus_per_worker=1,
                                  show_progress=False)
     same = all(abs(a.value - b.value) <= 1e-6 * max(1.0, abs(a.value))
-               for a, b in zip(one.metrics, spread.metrics))
+               for a, b in zip(one.metrics, spread.metrics, strict=False))
     return (f"{'+'.join(options.tasks):24s} {one.seconds:8.1f}s {spread.seconds:8.1f}s "
             f"{one.seconds / spread.seconds:8.2f}   same numbers: {same}")
 

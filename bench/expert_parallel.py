@@ -69,7 +69,7 @@ def run(rank: int, port: int, args: argparse.Namespace, results) -> None:
                     exchange_seconds += sum(e.seconds for e in exchanges) - before
     if rank == 0:
         tokens = args.global_batch * cfg.model.seq_len
-        full = {f"full{ep}": tokens / statistics.median([a + b for a, b in zip(t, reduce_times[ep])])
+        full = {f"full{ep}": tokens / statistics.median([a + b for a, b in zip(t, reduce_times[ep], strict=False)])
                 for ep, t in times.items()}
         results.put({ep: tokens / statistics.median(t) for ep, t in times.items()} | full
                     | {"a2a_share": exchange_seconds / sum(times[2])})

@@ -299,7 +299,7 @@ class Report:
         fig, ax = plt.subplots(figsize=(8, 5))
         for t in self.trials:
             if t.curve:
-                xs, ys = zip(*t.curve)
+                xs, ys = zip(*t.curve, strict=False)
                 ax.plot(xs, ys, label=t.name, linestyle="-" if "moe" in t.model else "--")
         ax.set_xlabel("training tokens")
         ax.set_ylabel("validation loss")
@@ -397,7 +397,7 @@ def _comparisons(rows: list[ModelRow]) -> list[str]:
 def _dense_equivalent(dense: list[ModelRow], loss: float) -> float | None:
     """Parameters at which the dense runs' loss (linear in log params) equals ``loss``."""
     points = [(math.log(d.active_params), d.val_loss) for d in dense]
-    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+    for (x0, y0), (x1, y1) in zip(points, points[1:], strict=False):
         if min(y0, y1) <= loss <= max(y0, y1) and y0 != y1:
             return math.exp(x0 + (loss - y0) * (x1 - x0) / (y1 - y0))
     return None

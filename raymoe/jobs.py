@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import shlex
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 from ray.job_submission import JobStatus, JobSubmissionClient
@@ -98,7 +98,7 @@ class RaymoeJobs:
                     raise JobError(f"job server {self.address} did not take the job: {err}") from err
                 time.sleep(1.0)
 
-    def submit_train(self, config: str, overrides: list[str] = (), **kwargs) -> str:
+    def submit_train(self, config: str, overrides: Sequence[str] = (), **kwargs) -> str:
         """A training run; its run directory (storage/run_name) is recorded with the job."""
         from raymoe.config import load_config
         from raymoe.train.launcher import run_location

@@ -56,9 +56,9 @@ def s3_server(tmp_path_factory):
         try:
             fs.get_file_info(pafs.FileSelector(S3_BUCKET))
             break
-        except OSError:
+        except OSError as err:
             if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"SeaweedFS did not start; see {data_dir / 'weed.log'}")
+                raise RuntimeError(f"SeaweedFS did not start; see {data_dir / 'weed.log'}") from err
             time.sleep(0.5)
     yield {"endpoint": endpoint, "bucket": S3_BUCKET, "fs": fs}
     proc.terminate()

@@ -233,7 +233,8 @@ def test_missing_input_and_unreachable_bucket_are_named(s3_server, tmp_path, mon
     with pytest.raises(PrepareError, match="s3://no-such-bucket/x: bucket 'no-such-bucket' does not exist"):
         prepare(PrepareOptions(["s3://no-such-bucket/x"], str(tmp_path / "o")))
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
-    with pytest.raises(PrepareError, match="cannot list s3://raymoe/corpus: .*(ACCESS_DENIED|SIGNATURE_DOES_NOT_MATCH)"):
+    denied = "cannot list s3://raymoe/corpus: .*(ACCESS_DENIED|SIGNATURE_DOES_NOT_MATCH)"
+    with pytest.raises(PrepareError, match=denied):
         prepare(PrepareOptions(["s3://raymoe/corpus"], str(tmp_path / "o")))
 
 

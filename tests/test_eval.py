@@ -106,7 +106,7 @@ def test_loglikelihoods_equal_a_direct_computation(sentence_run):
              (pairs[3][0], [pairs[3][1], [ord(" ")]])]
     for use_cache in (True, False):
         scores = scorer.choice_loglikelihoods(items, use_cache=use_cache)
-        for (context, continuations), item_scores in zip(items, scores):
+        for (context, continuations), item_scores in zip(items, scores, strict=False):
             assert [s.logprob for s in item_scores] == pytest.approx(
                 [_direct_logprob(loaded.model, context, k) for k in continuations], abs=1e-4)
     assert scorer.loglikelihoods(pairs[:1])[0].greedy  # a memorised continuation is greedy
@@ -117,7 +117,7 @@ def test_greedy_generation_is_the_same_with_and_without_the_kv_cache(sentence_ru
     prompts = [list(b"alice"), list(b"grace feeds seven"), list(b"d")]
     cached = generate(model, prompts, 30)
     assert cached == generate(model, prompts, 30, use_cache=False)
-    for prompt, tokens in zip(prompts, cached):  # and the same as one prompt at a time
+    for prompt, tokens in zip(prompts, cached, strict=False):  # and the same as one prompt at a time
         ids = torch.tensor([prompt])
         for _ in range(30):
             with torch.no_grad():

@@ -127,7 +127,7 @@ def test_expert_gradients_equal_plain_autograd_and_accumulate():
     (torch.baddbmm(plain[3].unsqueeze(1), h, plain[2]).sin().sum()).backward()
     for _ in range(2):  # the second backward adds onto the first
         experts(x).sin().sum().backward()
-    for ours, ref in zip(params, plain):
+    for ours, ref in zip(params, plain, strict=False):
         assert torch.allclose(ours.grad, 2 * ref.grad, atol=1e-5)
     assert torch.allclose(x.grad, 2 * x_plain.grad, atol=1e-5)
 

@@ -82,8 +82,8 @@ def test_resume_continues_exactly(dataset, uninterrupted):
 def _kill_a_worker_after(metrics_file: Path, step: int, killed: list[int]) -> None:
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
-        if metrics_file.is_file() and any(json.loads(l).get("step", 0) >= step
-                                           for l in metrics_file.read_text().splitlines()):
+        if metrics_file.is_file() and any(json.loads(line).get("step", 0) >= step
+                                           for line in metrics_file.read_text().splitlines()):
             for proc in psutil.process_iter(["pid", "cmdline"]):
                 if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
                     os.kill(proc.info["pid"], signal.SIGKILL)
@@ -117,7 +117,7 @@ def test_checkpoints_to_s3_and_resumes_from_them(dataset, s3_server, tmp_path):
     second = train_on_ray(config(dataset, storage, "on-s3", "train.max_steps=4",
                                  "train.checkpoint_every=2"))
     assert second.error is None and second.metrics["step"] == 4
-    steps = [json.loads(l)["step"] for l in (Path("runs") / "on-s3" / "metrics" /
+    steps = [json.loads(line)["step"] for line in (Path("runs") / "on-s3" / "metrics" /
                                              "metrics.jsonl").read_text().splitlines()]
     assert steps[-2:] == [3, 4]
 

@@ -148,7 +148,7 @@ def _load_segments(batch: dict[str, np.ndarray], dataset_uri: str, split: str, s
     dataset = PreparedDataset.open(dataset_uri)
     shards = dataset.shards(split)
     out = []
-    for shard, start, count in zip(batch["shard"], batch["start"], batch["count"]):
+    for shard, start, count in zip(batch["shard"], batch["start"], batch["count"], strict=False):
         sequences = dataset.read_shard(shards[int(shard)])
         order = (np.random.default_rng([seed, epoch, int(shard)]).permutation(len(sequences))
                  if shuffle else np.arange(len(sequences)))

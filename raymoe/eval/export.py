@@ -22,7 +22,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from raymoe.config import config_from_dict
 from raymoe.data.tokenizers import GPT2_FILES, BPETokenizer, Tokenizer
@@ -44,6 +44,7 @@ def hf_gpt2_state(loaded: LoadedModel) -> dict[str, Tensor]:
     for i, block in enumerate(model.blocks):
         for ours, theirs in names.items():
             module = block.get_submodule(ours)
+            assert isinstance(module, nn.LayerNorm | nn.Linear), ours
             weight = module.weight if ours.startswith("ln_") else module.weight.t()
             state[f"transformer.h.{i}.{theirs}.weight"] = weight
             state[f"transformer.h.{i}.{theirs}.bias"] = module.bias

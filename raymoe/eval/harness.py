@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 from raymoe.eval.metrics import (
     MetricResult,
@@ -19,7 +20,16 @@ from raymoe.eval.metrics import (
     format_value,
 )
 from raymoe.eval.scoring import Scorer
-from raymoe.eval.tasks import Example, Task, get_task, load_examples, task_file
+from raymoe.eval.tasks import (
+    ChoiceExample,
+    CompletionExample,
+    Example,
+    GenerationExample,
+    Task,
+    get_task,
+    load_examples,
+    task_file,
+)
 from raymoe.model.precision import autocast
 
 CHUNK = 32
@@ -69,18 +79,21 @@ def score_chunk(scorer: Scorer, chunk: Chunk, options: EvalOptions) -> list[dict
 def _score_chunk(scorer: Scorer, chunk: Chunk, options: EvalOptions) -> list[dict[str, float]]:
     task, examples = get_task(chunk.task), chunk.examples
     if task.kind == "completion":
-        scores = scorer.loglikelihoods(scorer.encode_pairs([(e.context, e.continuation) for e in examples]))
+        completions = cast(list[CompletionExample], examples)  # a task's kind fixes its examples' type
+        scores = scorer.loglikelihoods(scorer.encode_pairs([(e.context, e.continuation) for e in completions]))
         return [completion_record(s) for s in scores]
     if task.kind == "choice":
+        choices = cast(list[ChoiceExample], examples)
         items = []
-        for e in examples:
+        for e in choices:
             pairs = scorer.encode_pairs([(e.context, " " + c) for c in e.choices])
             items.append((pairs[0][0], [k for _, k in pairs]))
-        scores = scorer.choice_loglikelihoods(items, options.use_cache)
-        return [choice_record(e, s) for e, s in zip(examples, scores)]
-    outputs = scorer.generate_until([e.context for e in examples], task.stop,
+        choice_scores = scorer.choice_loglikelihoods(items, options.use_cache)
+        return [choice_record(e, s) for e, s in zip(choices, choice_scores, strict=True)]
+    generations = cast(list[GenerationExample], examples)
+    outputs = scorer.generate_until([e.context for e in generations], task.stop,
                                     options.max_new_tokens, options.use_cache)
-    return [{"exact_match": exact_match(o, e.answers)} for o, e in zip(outputs, examples)]
+    return [{"exact_match": exact_match(o, e.answers)} for o, e in zip(outputs, generations, strict=True)]
 
 
 class Progress:
@@ -130,7 +143,7 @@ def collect(tasks: list[Task], chunks: list[Chunk], records: Iterable[list[dict[
             progress: Progress | None) -> list[MetricResult]:
     """Aggregate chunk records (arriving in chunk order) per task."""
     per_task: dict[str, list[dict[str, float]]] = {t.name: [] for t in tasks}
-    for chunk, chunk_records in zip(chunks, records):
+    for chunk, chunk_records in zip(chunks, records, strict=False):
         per_task[chunk.task] += chunk_records
         if progress is not None:
             progress.update(chunk)

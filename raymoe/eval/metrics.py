@@ -33,7 +33,7 @@ def _argmax(values: list[float]) -> int:
 def choice_record(example: ChoiceExample, scores: list[Score]) -> dict[str, float]:
     """acc: the most likely choice is gold; acc_norm: the same per character of choice."""
     logprobs = [s.logprob for s in scores]
-    normalised = [lp / max(len(c), 1) for lp, c in zip(logprobs, example.choices)]
+    normalised = [lp / max(len(c), 1) for lp, c in zip(logprobs, example.choices, strict=False)]
     return {"acc": float(_argmax(logprobs) == example.gold),
             "acc_norm": float(_argmax(normalised) == example.gold)}
 

@@ -54,7 +54,7 @@ class Scorer:
         contexts = self.encode([c for c, _ in moved])
         wholes = self.encode([c + k for c, k in moved])
         encoded = []
-        for context_ids, whole in zip(contexts, wholes):
+        for context_ids, whole in zip(contexts, wholes, strict=False):
             continuation_ids = whole[len(context_ids):]
             if not continuation_ids:
                 raise ValueError("a continuation encodes to no tokens")
@@ -125,7 +125,7 @@ class Scorer:
         cached = [i for i, s in enumerate(shared) if s]
         for batch in self._batches([len(items[i][0]) for i in cached]):
             batch = [cached[b] for b in batch]
-            for i, scores in zip(batch, self._shared_context_batch([items[i] for i in batch])):
+            for i, scores in zip(batch, self._shared_context_batch([items[i] for i in batch]), strict=False):
                 results[i] = scores
         return results
 
@@ -154,6 +154,7 @@ class Scorer:
             for k in ks:
                 rows = first[item:item + 1]
                 if len(k) > 1:
+                    assert rest is not None  # computed whenever a continuation is longer than one token
                     rows = torch.cat([rows, self._log_probs(self.model.head(rest[row, :len(k) - 1]))])
                 scores.append(self._score(rows, k))
                 row += 1
@@ -174,7 +175,7 @@ class Scorer:
         for batch in self._batches([len(e) for e in encoded]):
             outputs = generate(self.model, [encoded[i] for i in batch], max_new_tokens, Sampling(),
                                use_cache=use_cache, is_done=is_done)
-            for i, tokens in zip(batch, outputs):
+            for i, tokens in zip(batch, outputs, strict=False):
                 texts[i] = _cut(self.tokenizer.decode(t for t in tokens if t != self.tokenizer.eot_id), stop)
         return texts
 

@@ -21,7 +21,7 @@ import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 from raymoe.errors import RaymoeError
 
@@ -55,7 +55,7 @@ class GenerationExample:
     answers: list[str]
 
 
-Example = Union[ChoiceExample, CompletionExample, GenerationExample]
+Example = ChoiceExample | CompletionExample | GenerationExample
 
 
 @dataclass
@@ -154,7 +154,7 @@ def load_piqa(path: Path) -> list[Example]:
     if len(labels) != len(records):
         raise EvalDataError(f"{labels_path}: {len(labels)} labels for {len(records)} items in {path}")
     examples: list[Example] = []
-    for (n, record), label in zip(records, labels):
+    for (n, record), label in zip(records, labels, strict=False):
         where = f"{path}:{n}"
         goal = _field(record, "goal", str, where)
         choices = [_field(record, k, str, where) for k in ("sol1", "sol2")]
@@ -222,7 +222,7 @@ def load_race(path: Path) -> list[Example]:
             raise EvalDataError(f"{where}: {len(questions)} questions, {len(options)} option "
                                 f"lists and {len(answers)} answers; expected as many of each")
         text = "Article: " + article + "\n\n"
-        for question, opts, letter in zip(questions[:-1], options[:-1], answers[:-1]):
+        for question, opts, letter in zip(questions[:-1], options[:-1], answers[:-1], strict=False):
             answer = _race_answer(opts, letter, where)
             if question[-6:] == "  _  .":  # a cloze question (the harness keeps its tail)
                 text += question[-5:] + answer + "\n"

@@ -12,7 +12,7 @@ from torch import Tensor
 from raymoe.model.gpt import GPT
 
 
-@dataclass
+@dataclass(frozen=True)
 class Sampling:
     """temperature 0 is greedy; top_k 0 and top_p 1.0 switch those filters off."""
 

@@ -123,7 +123,7 @@ class GPT(nn.Module):
             elif leaf.startswith("bias"):
                 param.zero_()
             elif is_expert_parameter(name):
-                layer: MoELayer = self.get_submodule(name.split(".experts.")[0])
+                layer = self.moe_layer_of(name)
                 base_seed = int(torch.randint(2**62, (), device="cpu"))  # one draw, any EP size
                 _normal_per_expert(param, layer.global_expert_ids, base_seed, scale)
             else:
@@ -131,7 +131,13 @@ class GPT(nn.Module):
 
     @property
     def moe_layers(self) -> list[MoELayer]:
-        return [b.mlp for b in self.blocks if b.is_moe]
+        return [b.mlp for b in self.blocks if isinstance(b.mlp, MoELayer)]
+
+    def moe_layer_of(self, expert_param_name: str) -> MoELayer:
+        """The MoE layer that holds the expert parameter of that name."""
+        layer = self.get_submodule(expert_param_name.split(".experts.")[0])
+        assert isinstance(layer, MoELayer), expert_param_name
+        return layer
 
     def forward(self, idx: Tensor, targets: Tensor | None = None,
                 cache: KVCache | None = None, keep_last: int | None = None) -> GPTOutput:
@@ -163,7 +169,7 @@ class GPT(nn.Module):
         x = self.drop(self.wte(idx) + self.wpe(positions))
         stats: list[MoEStats] = []
         for i, block in enumerate(self.blocks):
-            layer_cache = LayerCache(cache, i, mask) if cache is not None else None
+            layer_cache = LayerCache(cache, i, mask) if cache is not None and mask is not None else None
             if self.cfg.activation_checkpointing and self.training:
                 x, layer_stats = checkpoint(block, x, layer_cache, use_reentrant=False)
             else:
@@ -193,7 +199,7 @@ class GPT(nn.Module):
             if not is_expert_parameter(name):
                 total += param.numel()
                 continue
-            layer: MoELayer = self.get_submodule(name.split(".experts.")[0])
+            layer = self.moe_layer_of(name)
             per_expert = param.numel() // layer.num_local_experts
             total += per_expert * (layer.cfg.top_k if active_only else layer.num_experts)
         return total

@@ -125,7 +125,7 @@ EXPERT_CHUNKS = 8
 def _expert_chunks(num_local_experts: int) -> list[slice]:
     bounds = torch.linspace(0, num_local_experts, min(EXPERT_CHUNKS, num_local_experts) + 1)
     edges = [int(round(float(b))) for b in bounds]
-    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:])]
+    return [slice(a, b) for a, b in zip(edges[:-1], edges[1:], strict=False)]
 
 
 class _ExpertFFN(torch.autograd.Function):
@@ -167,7 +167,7 @@ class _ExpertFFN(torch.autograd.Function):
         dtype = x.dtype
         grad_y = grad_y.to(dtype)
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        for part, pre in zip(_expert_chunks(x.shape[0]), pres):
+        for part, pre in zip(_expert_chunks(x.shape[0]), pres, strict=False):
             g = grad_y[part]
             h = F.gelu(pre, approximate="tanh")
             _accumulate(w_out, part, h.transpose(1, 2), g)

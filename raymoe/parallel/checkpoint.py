@@ -174,7 +174,7 @@ def load_checkpoint(directory: str | Path, model: nn.Module, mesh: Mesh,
         if optimizer is not None:
             optimizer.state[param] = {k: v.to(param.device) for k, v in entry.items() if k != "param"}
     if optimizer is not None:
-        for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=False):
             group.update(saved_group)
     return manifest["extra"]
 

@@ -49,7 +49,7 @@ def _all_reduce_scaled(grads: list[Tensor], group: dist.ProcessGroup | None, div
     flat = _flatten_dense_tensors(grads)
     dist.all_reduce(flat, group=group)
     flat.div_(divisor)
-    for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+    for grad, reduced in zip(grads, _unflatten_dense_tensors(flat, grads), strict=False):
         grad.copy_(reduced)
 
 

@@ -149,7 +149,8 @@ def train_on_ray(cfg: Config, wait_for_resources: bool = False,
             storage_filesystem=s3_filesystem() if is_s3(cfg.train.storage) else None,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            logging_config=LoggingConfig(log_level="WARNING"), callbacks=callbacks),
+            # Train V2's RunConfig (Ray 2.60's default) has logging_config; mypy reads V1's.
+            logging_config=LoggingConfig(log_level="WARNING"), callbacks=callbacks),  # type: ignore[call-arg]
     )
     print(f"run {where.name}: checkpoints in {where.uri}, metrics (TensorBoard, metrics.jsonl) "
           f"in {where.metrics_dir}")

@@ -56,7 +56,7 @@ def step_metrics(trainer: Trainer, result: StepResult, lr: float, seconds: float
     peak = peak_flops(trainer.device, trainer.cfg.train.peak_flops)
     if peak:
         metrics["mfu"] = flops_per_token(trainer) * metrics["tokens_per_s"] / (peak * trainer.world)
-    for i, (counts, dropped) in enumerate(zip(result.tokens_per_expert, result.dropped_fraction)):
+    for i, (counts, dropped) in enumerate(zip(result.tokens_per_expert, result.dropped_fraction, strict=False)):
         load = counts.float()
         metrics[f"moe{i}/load_min"] = int(load.min())
         metrics[f"moe{i}/load_max"] = int(load.max())

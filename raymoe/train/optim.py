@@ -13,7 +13,8 @@ from raymoe.config import OptimConfig
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     """Weight decay on weight matrices (embeddings, projections, experts); none on biases
     and LayerNorms."""
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         leaf = name.rsplit(".", 1)[-1]
         is_matrix = param.ndim >= 2 and not leaf.startswith("bias")
