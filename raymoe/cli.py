@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import traceback
 from pathlib import Path
 
 from raymoe.config import ConfigError, load_config
+from raymoe.errors import RaymoeError, find_cause
 from raymoe.jobs import KINDS
 
 SAMPLE_CORPUS = Path(__file__).parent / "sample" / "corpus"
@@ -43,8 +45,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def report_result(result) -> None:
-    if result.error is not None:
-        raise SystemExit(f"raymoe: training failed: {result.error}")
+    if result.error is not None:  # main finds a user's error inside Ray's wrappers
+        raise result.error
     metrics = result.metrics or {}
     val = metrics.get("val_loss")
     print(f"finished at step {metrics.get('step')}: loss {metrics.get('lm_loss', float('nan')):.4f}"
@@ -148,7 +150,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 def _key_value(item: str, flag: str) -> tuple[str, str]:
     key, sep, value = item.partition("=")
     if not sep or not key or not value:
-        raise ValueError(f"{flag} {item!r}: expected NAME=PATH")
+        raise RaymoeError(f"{flag} {item!r}: expected NAME=PATH")
     return key, value
 
 
@@ -243,6 +245,8 @@ def cmd_jobs(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymoe", description=__doc__)
+    parser.add_argument("--debug", action="store_true",
+                        help="print the traceback of every error (also RAYMOE_DEBUG=1)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     info = sub.add_parser("info", help="shape and parameter counts of a preset or YAML config")
@@ -373,16 +377,27 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit 0 on success; 2 with one line for an error that is the user's to fix (found
+    inside Ray's wrappers too); anything else is a bug and keeps its traceback (exit 1).
+    ``--debug`` or RAYMOE_DEBUG=1 prints the traceback of every error."""
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("RAYMOE_DEBUG", "") not in ("", "0")
     try:
         args.func(args)
-    except ConfigError as err:
-        print(f"raymoe: config error: {err}", file=sys.stderr)
-        return 2
-    except (ValueError, OSError, RuntimeError) as err:  # say what and where, no traceback
-        print(f"raymoe: {type(err).__name__}: {err}", file=sys.stderr)
+    except Exception as err:
+        user_error = find_cause(err, RaymoeError)
+        if user_error is None:
+            raise
+        if debug:
+            traceback.print_exception(err)
+        print(f"raymoe: {describe_error(user_error)}", file=sys.stderr)
         return 2
     return 0
+
+
+def describe_error(err: RaymoeError) -> str:
+    label = "config error" if isinstance(err, ConfigError) else type(err).__name__
+    return f"{label}: {err}"
 
 
 if __name__ == "__main__":

@@ -1,5 +1,9 @@
 """Shared services for the tests: a real S3 server (SeaweedFS on 127.0.0.1) and one local
-Ray cluster per test session. Both are the real things users run; nothing is mocked."""
+Ray cluster per test session. Both are the real things users run; nothing is mocked.
+
+Each starts only when a collected test needs it. A test is marked `ray` or `s3` from the
+fixtures it uses (`make test-fast` deselects both), and tests that need the large shared
+data set skip when it is not beside the repository."""
 
 from __future__ import annotations
 
@@ -15,7 +19,29 @@ import pytest
 
 S3_KEY, S3_SECRET, S3_BUCKET = "raymoe-test-key", "raymoe-test-secret", "raymoe"
 REPO = Path(__file__).resolve().parents[1]
-CORPUS = REPO.parent / "shared" / "data" / "corpus" / "gutenberg"
+SHARED_DATA = REPO.parent / "shared" / "data"
+"""Real books and the published eval files: beside the repository in CI, not in a clone."""
+CORPUS = SHARED_DATA / "corpus" / "gutenberg"
+EVAL_DATA = SHARED_DATA / "eval"
+needs_shared_data = pytest.mark.skipif(
+    not SHARED_DATA.is_dir(), reason=f"needs the shared data set ({SHARED_DATA}: real books and "
+    "the published eval files), which is not beside this clone")
+
+_MARK_BY_FIXTURE = {"ray_cluster": "ray", "ray_head": "ray", "s3_server": "s3"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Mark each test with the services its fixtures (direct or indirect) start."""
+    for item in items:
+        for fixture, mark in _MARK_BY_FIXTURE.items():
+            if fixture in getattr(item, "fixturenames", ()):
+                item.add_marker(mark)
+
+
+def skip_without_shared_data() -> None:
+    """For fixtures, which marks do not reach."""
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"needs the shared data set ({SHARED_DATA}), which is not beside this clone")
 
 
 def free_port() -> int:
@@ -66,10 +92,16 @@ def s3_server(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server, tmp_path_factory):
+def ray_cluster(request, tmp_path_factory):
     """One local Ray cluster for the session (4 logical CPUs on 2 cores, so that Ray Data
-    tasks and training workers never wait for each other)."""
+    tasks and training workers never wait for each other).
+
+    When any collected test uses S3, the S3 server starts first: its AWS variables must be
+    in the environment the Ray workers inherit."""
     import ray
+
+    if any(item.get_closest_marker("s3") for item in request.session.items):
+        request.getfixturevalue("s3_server")
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
     context = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,

@@ -7,10 +7,10 @@ import csv
 import json
 
 import yaml
-from test_eval import EVAL_DATA
 
 from raymoe.compare import load_study, run_study
 from raymoe.eval.runner import evaluate_checkpoint
+from raymoe.eval.tasks import SAMPLE_DATA
 
 
 def test_tiny_study_writes_plot_csv_and_table(dataset, tmp_path):
@@ -28,7 +28,7 @@ def test_tiny_study_writes_plot_csv_and_table(dataset, tmp_path):
         "models": [{"name": "dense", "config": "tiny"},
                    {"name": "moe", "config": "tiny-moe8"},
                    {"name": "broken", "config": "tiny", "overrides": ["model.n_head=5"]}],
-        "eval": {"tasks": ["lambada", "piqa"], "data_dir": str(EVAL_DATA),
+        "eval": {"tasks": ["lambada", "piqa"], "data_dir": str(SAMPLE_DATA),
                  "files": {"lambada": str(lambada)}, "limit": 6},
     }))
     study = load_study(str(study_file))

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CORPUS, REPO
+from conftest import CORPUS, REPO, skip_without_shared_data
 
 from raymoe.data.prepare import PrepareError, PrepareOptions, is_validation, prepare, read_documents
 from raymoe.data.shards import DatasetError, PreparedDataset
@@ -26,6 +26,7 @@ SEQ_LEN = 64
 
 @pytest.fixture(scope="module")
 def books_dir(tmp_path_factory) -> Path:
+    skip_without_shared_data()
     directory = tmp_path_factory.mktemp("books")
     for book in BOOKS:
         (directory / book.name).write_bytes(book.read_bytes())

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import EVAL_DATA, needs_shared_data
 from sentence_models import SENTENCES
 
 from raymoe.cli import main
@@ -21,8 +21,6 @@ from raymoe.eval.scoring import Scorer
 from raymoe.eval.tasks import TASKS, ChoiceExample, EvalDataError, load_examples
 from raymoe.model.generation import Sampling, generate
 from raymoe.parallel.checkpoint import CheckpointError
-
-EVAL_DATA = REPO.parent / "shared" / "data" / "eval"
 
 
 @pytest.fixture(params=[0, 4], ids=["dense", "moe4"])
@@ -160,6 +158,7 @@ def test_ray_workers_give_the_numbers_of_one_process(ray_cluster, sentence_run, 
 # ------------------------------------------------------------------------- task files
 
 
+@needs_shared_data
 @pytest.mark.parametrize("name,count", [("lambada", 5153), ("piqa", 1838), ("boolq", 3270),
                                         ("triviaqa", 3000), ("webqs", 2032)])
 def test_every_task_reads_its_published_file(name, count):
@@ -181,6 +180,7 @@ def test_every_task_reads_its_published_file(name, count):
         assert "Onion" in first.answers and first.context.endswith("\nAnswer:")
 
 
+@needs_shared_data
 def test_the_bundled_sample_is_the_head_of_each_published_file():
     from raymoe.eval.tasks import SAMPLE_DATA
 

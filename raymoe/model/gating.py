@@ -3,7 +3,7 @@
 DeepSpeed builds one-hot [tokens, experts] masks and a [tokens, experts, capacity] combine
 tensor. Here every decision is a per-token integer (expert, slot) found by sorting, so the
 cost has no experts x capacity term. What is computed (capacity, exp_counts, l_aux, which
-tokens are kept, combine weights) follows deepspeed/moe/sharded_moe.py; see DESIGN.md.
+tokens are kept, combine weights) follows deepspeed/moe/sharded_moe.py; the README's "The gate" section states them.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 ``Trainer`` runs on every data-parallel rank of an initialised process group (or alone).
 What depends on the launcher (where checkpoints go, how metrics leave the worker) is a
-``RunHooks`` object: Ray Train's in raymoe.train.ray_hooks, plain files in ``FileHooks``.
+``RunHooks`` object: Ray Train's in raymoe.train.launcher, plain files in ``FileHooks``.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 import torch.distributed as dist
 
 from raymoe.config import Config
-from raymoe.data.shards import DatasetError, PreparedDataset
+from raymoe.data.shards import DatasetError
 from raymoe.data.stream import Cursor, SequenceReader
 from raymoe.data.tokenizers import TOKENIZER_FILE
 from raymoe.errors import RaymoeError
@@ -34,6 +34,7 @@ from raymoe.parallel.checkpoint import (
 )
 from raymoe.train.metrics import MetricsWriter, StepTimer, step_metrics
 from raymoe.train.optim import build_optimizer, learning_rate, set_learning_rate
+from raymoe.train.preflight import open_training_dataset
 from raymoe.train.step import train_step
 
 
@@ -94,7 +95,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # same dense init on every rank
         self.model = GPT(cfg.model, self.mesh.expert_exchange()).to(device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.dataset = self._open_dataset()
+        self.dataset = open_training_dataset(cfg)
         self.tokenizer_json = (self.dataset.root.join(TOKENIZER_FILE).read_bytes()
                                if self.dataset.manifest["tokenizer"] == TOKENIZER_FILE else None)
         """A trained tokenizer, read once, copied into every checkpoint (self-contained)."""
@@ -105,20 +106,6 @@ class Trainer:
                                      seed=cfg.data.seed, cursor=cursor)
 
     # ---------------------------------------------------------------- set-up
-
-    def _open_dataset(self) -> PreparedDataset:
-        if not self.cfg.data.path:
-            raise DatasetError("data.path is empty: prepare a dataset with `raymoe prepare` "
-                               "and set data.path to it")
-        dataset = PreparedDataset.open(self.cfg.data.path)
-        m = self.cfg.model
-        if dataset.seq_len < m.seq_len:
-            raise DatasetError(f"{self.cfg.data.path}: sequences of {dataset.seq_len} tokens are "
-                               f"shorter than model.seq_len={m.seq_len}")
-        if dataset.vocab_size > m.vocab_size:
-            raise DatasetError(f"{self.cfg.data.path}: tokenizer {dataset.manifest['tokenizer']!r} "
-                               f"has {dataset.vocab_size} tokens, model.vocab_size is {m.vocab_size}")
-        return dataset
 
     def _resume(self) -> Cursor | None:
         with self.hooks.latest_checkpoint() as directory:

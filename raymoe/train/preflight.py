@@ -1,0 +1,64 @@
+"""What can be checked before any worker starts, checked on the driver: a typo in a data
+path or a model shape that does not match the run's checkpoint costs a second, not the
+start of a worker group on a cluster (and not four tracebacks from its workers)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from raymoe.config import Config
+from raymoe.data.shards import DatasetError, PreparedDataset
+from raymoe.parallel.checkpoint import CheckpointError
+
+MODEL_SHAPE_KEYS = ("vocab_size", "pad_vocab_to", "seq_len", "n_layer", "d_model", "n_head", "ffn_mult")
+MOE_SHAPE_KEYS = ("num_experts", "every")
+
+
+def open_training_dataset(cfg: Config) -> PreparedDataset:
+    """The dataset of ``data.path``, checked against the model (sequence length, vocabulary)."""
+    if not cfg.data.path:
+        raise DatasetError("data.path is empty: prepare a dataset with `raymoe prepare` "
+                           "and set data.path to it")
+    dataset = PreparedDataset.open(cfg.data.path)
+    m = cfg.model
+    if dataset.seq_len < m.seq_len:
+        raise DatasetError(f"{cfg.data.path}: sequences of {dataset.seq_len} tokens are "
+                           f"shorter than model.seq_len={m.seq_len}")
+    if dataset.vocab_size > m.vocab_size:
+        raise DatasetError(f"{cfg.data.path}: tokenizer {dataset.manifest['tokenizer']!r} "
+                           f"has {dataset.vocab_size} tokens, model.vocab_size is {m.vocab_size}")
+    return dataset
+
+
+def shape_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
+    """The model settings, as dotted keys with both values, in which a checkpoint's config
+    (``saved``, a Config.to_dict()) differs from ``cfg`` in parameter shapes."""
+    current = cfg.to_dict()["model"]
+    model = saved.get("model", {})
+    differ = [f"model.{k}: checkpoint {model.get(k)!r}, config {current[k]!r}"
+              for k in MODEL_SHAPE_KEYS if model.get(k) != current[k]]
+    differ += [f"model.moe.{k}: checkpoint {model.get('moe', {}).get(k)!r}, config {current['moe'][k]!r}"
+               for k in MOE_SHAPE_KEYS if model.get("moe", {}).get(k) != current["moe"][k]]
+    return differ
+
+
+def check_resume_fits(cfg: Config, run_uri: str) -> None:
+    """The run's latest checkpoint (if any), whose manifest is read where it lies, holds
+    a model of the config's shape."""
+    from raymoe.eval.loading import checkpoint_manifest
+
+    try:
+        manifest = checkpoint_manifest(run_uri)
+    except CheckpointError:
+        return  # no complete checkpoint yet: a new run
+    differ = shape_differences(manifest["extra"]["config"], cfg)
+    if differ:
+        raise CheckpointError(
+            f"{manifest['uri']}: the run's latest checkpoint is of another model shape ("
+            + "; ".join(differ) + "). Resume with the run's config, or start a new run "
+            "(another train.run_name or train.storage)")
+
+
+def preflight(cfg: Config, run_uri: str) -> None:
+    open_training_dataset(cfg)
+    check_resume_fits(cfg, run_uri)
