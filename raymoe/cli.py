@@ -36,9 +36,11 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from raymoe.train.launcher import train_on_ray
+    from raymoe.train.launcher import run_location, train_on_ray
+    from raymoe.train.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
+    preflight(cfg, run_location(cfg).uri)  # before a Ray cluster is joined or started
     connect_ray(args.address)
     result = train_on_ray(cfg, wait_for_resources=args.wait_for_resources)
     report_result(result)

@@ -15,12 +15,22 @@ class RaymoeError(Exception):
 
 
 def _causes(err: BaseException) -> Iterator[BaseException]:
+    """The error, then what it wraps, breadth first: a Ray task's ``cause``, Python's
+    ``__cause__`` / ``__context__``, and the per-worker errors of Ray Train's typed
+    failure (``WorkerGroupError.worker_failures``, in rank order)."""
     seen: set[int] = set()
-    current: BaseException | None = err
-    while current is not None and id(current) not in seen:
-        yield current
+    pending = [err]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
         seen.add(id(current))
-        current = getattr(current, "cause", None) or current.__cause__ or current.__context__
+        yield current
+        inner = [getattr(current, "cause", None), current.__cause__, current.__context__]
+        failures = getattr(current, "worker_failures", None)
+        if isinstance(failures, dict):
+            inner += [failures[rank] for rank in sorted(failures)]
+        pending += [e for e in inner if isinstance(e, BaseException)]
 
 
 def root_cause(err: BaseException) -> BaseException:
@@ -30,6 +40,7 @@ def root_cause(err: BaseException) -> BaseException:
 
 
 def find_cause(err: BaseException, kind: type[E] | tuple[type[E], ...]) -> E | None:
-    """The first exception of ``kind`` in the chain of causes Ray builds around a task's
-    error (RayTaskError.cause, UserCodeException, __cause__), or None."""
+    """The first exception of ``kind`` among the causes Ray builds around a task's or a
+    worker group's error (RayTaskError.cause, UserCodeException, worker_failures,
+    __cause__), or None."""
     return next((c for c in _causes(err) if isinstance(c, kind)), None)

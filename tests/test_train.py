@@ -128,3 +128,22 @@ def test_too_many_workers_fail_fast_with_the_numbers(dataset, tmp_path):
     with pytest.raises(ClusterTooSmallError, match=r"needs 8 CPUs \(16 workers x 0.5\); the "
                                                    r"cluster has 4"):
         train_on_ray(cfg)
+
+
+def test_a_workers_error_reaches_the_user_as_one_line(tmp_path, dataset):
+    """Ray Train wraps a worker's exception in a WorkerGroupError; the user's error inside
+    it is found and printed as itself (the driver's own check is bypassed here on purpose,
+    so that the worker meets the missing dataset)."""
+    from raymoe.cli import describe_error
+    from raymoe.data.shards import DatasetError
+    from raymoe.errors import find_cause
+
+    cfg = config(tmp_path / "missing", str(tmp_path), "missing-data")
+    with pytest.raises(Exception) as caught:
+        result = train_on_ray(cfg)
+        if result.error is not None:
+            raise result.error
+    found = find_cause(caught.value, DatasetError)
+    assert found is not None, caught.value
+    assert describe_error(found) == f"DatasetError: {tmp_path / 'missing'}: no manifest.json; " \
+                                    "not a prepared dataset, or its preparation did not finish"

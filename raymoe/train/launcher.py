@@ -29,7 +29,6 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from raymoe.config import Config, config_from_dict
 from raymoe.data.storage import is_s3, s3_filesystem
 from raymoe.errors import RaymoeError
-from raymoe.train.preflight import preflight
 
 
 class ClusterTooSmallError(RaymoeError, RuntimeError):
@@ -138,7 +137,6 @@ def train_on_ray(cfg: Config, wait_for_resources: bool = False,
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(
             cfg.data, path=os.path.abspath(os.path.expanduser(cfg.data.path))))
     where = run_location(cfg)
-    preflight(cfg, where.uri)
     par = cfg.parallel
     trainer = TorchTrainer(
         _train_worker,

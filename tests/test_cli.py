@@ -1,0 +1,65 @@
+"""The command line's contract for errors: the user's own errors as one line and exit 2
+(also from inside Ray's wrappers), bugs with their traceback, checks before any cluster."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from sentence_models import save_sentence_model, sentence_config
+
+from raymoe import cli
+from raymoe.config import load_config
+from raymoe.model import GPT
+from raymoe.parallel.checkpoint import CheckpointError
+from raymoe.train.preflight import check_resume_fits
+
+
+def test_a_user_error_is_one_line_and_exit_2(capsys):
+    assert cli.main(["info", "tiny", "model.n_head=5"]) == 2
+    err = capsys.readouterr().err
+    assert err == "raymoe: config error: model.n_head: 5 heads do not divide model.d_model=128\n"
+
+
+def test_debug_prints_the_traceback_of_a_user_error(capsys, monkeypatch):
+    monkeypatch.setenv("RAYMOE_DEBUG", "1")
+    assert cli.main(["info", "tiny", "model.n_head=5"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and 'raise ConfigError' in err
+    assert err.endswith("raymoe: config error: model.n_head: 5 heads do not divide model.d_model=128\n")
+
+
+def test_a_bug_keeps_its_traceback_and_exits_1(tmp_path):
+    """Anything that is not a RaymoeError is a bug: its traceback shows, exit status 1."""
+    script = ("import sys; from raymoe import cli\n"
+              "def broken(args): raise ZeroDivisionError('a bug, not the user')\n"
+              "cli.cmd_info = broken\n"
+              "sys.exit(cli.main(['info', 'tiny']))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1
+    assert "Traceback (most recent call last)" in out.stderr
+    assert out.stderr.rstrip().endswith("ZeroDivisionError: a bug, not the user")
+
+
+def test_train_with_a_missing_dataset_fails_before_joining_a_cluster(tmp_path):
+    """The address points at nothing: had raymoe tried to join it first, the error would be a
+    connection error, after a wait."""
+    missing = tmp_path / "nowhere"
+    out = subprocess.run([sys.executable, "-m", "raymoe.cli", "train", "tiny", f"data.path={missing}",
+                          f"train.storage={tmp_path}", "--address", "127.0.0.1:9"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == (f"raymoe: DatasetError: {missing}: no manifest.json; not a prepared dataset, "
+                          "or its preparation did not finish\n")
+
+
+def test_resuming_a_run_of_another_shape_is_refused_on_the_driver(tmp_path):
+    cfg = sentence_config()
+    save_sentence_model(GPT(cfg.model), cfg, tmp_path / "run")
+    check_resume_fits(cfg, str(tmp_path / "run"))  # the same shape: fine
+    check_resume_fits(cfg, str(tmp_path / "no-run-yet"))  # nothing to resume: fine
+    other = load_config("tiny", ["model.n_layer=2", "model.d_model=32", "model.n_head=4", "model.seq_len=128"])
+    with pytest.raises(CheckpointError, match=r"step-0+300: the run's latest checkpoint is of another "
+                                              r"model shape \(model\.d_model: checkpoint 64, config 32\)"):
+        check_resume_fits(other, str(tmp_path / "run"))
