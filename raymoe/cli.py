@@ -77,15 +77,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join the cluster at ``address`` (or start a local one) with quiet Ray Data logs."""
-    import logging
-
+    """Join the cluster at ``address`` (or start a local one), its known noise silenced."""
     import ray
+
+    from raymoe.console import quiet_ray
 
     local = address is None
     ray.init(address=address, num_cpus=num_cpus if local else None, log_to_driver=True)
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray()
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:

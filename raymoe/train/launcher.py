@@ -71,15 +71,11 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     import logging
 
     import ray.train.torch
-    from ray.train.v2._internal.execution import context as train_context
 
+    from raymoe.console import quiet_ray
     from raymoe.train.loop import Trainer
 
-    # Keep the console to raymoe's lines: Ray Data's and each report's INFO logs go quiet
-    # (the report logger is named after its module's file).
-    for noisy in ("ray.data", train_context.__file__):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    quiet_ray()
     cfg = config_from_dict(loop_config["config"])
     metrics_dir = Path(loop_config["metrics_dir"]) if loop_config["metrics_dir"] else None
     log = logging.getLogger("raymoe").info  # Ray Train sends worker logs to the console once
