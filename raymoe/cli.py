@@ -80,11 +80,12 @@ def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
     """Join the cluster at ``address`` (or start a local one), its known noise silenced."""
     import ray
 
-    from raymoe.console import quiet_ray
+    from raymoe.console import drop_harmless_worker_lines, quiet_ray
 
     local = address is None
-    ray.init(address=address, num_cpus=num_cpus if local else None, log_to_driver=True)
     quiet_ray()
+    ray.init(address=address, num_cpus=num_cpus if local else None, log_to_driver=True)
+    drop_harmless_worker_lines()
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:

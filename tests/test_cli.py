@@ -63,3 +63,18 @@ def test_resuming_a_run_of_another_shape_is_refused_on_the_driver(tmp_path):
     with pytest.raises(CheckpointError, match=r"step-0+300: the run's latest checkpoint is of another "
                                               r"model shape \(model\.d_model: checkpoint 64, config 32\)"):
         check_resume_fits(other, str(tmp_path / "run"))
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_the_demo_trains_and_prints_none_of_rays_known_noise(tmp_path):
+    """`raymoe demo` end to end (prepare the bundled sample, train on 2 Ray workers) with its
+    own local Ray: the lines raymoe.console silences do not reach the user."""
+    out = subprocess.run([sys.executable, "-m", "raymoe.cli", "demo", "--steps", "3",
+                          "--workdir", str(tmp_path), "train.log_every=1"],
+                         capture_output=True, text=True, timeout=900, cwd=tmp_path)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0, text[-4000:]
+    assert "finished at step 3" in text and (tmp_path / "sample-bytes" / "manifest.json").is_file()
+    for noise in ("Progress bars disabled", "Token authentication is enabled", "max_restarts > 0"):
+        assert noise not in text, noise
