@@ -11,6 +11,7 @@ from pathlib import Path
 from raymoe.config import ConfigError, load_config
 from raymoe.errors import RaymoeError, find_cause
 from raymoe.jobs import KINDS
+from raymoe.plan import CLUSTER_YAML, HARDWARE
 
 SAMPLE_CORPUS = Path(__file__).parent / "sample" / "corpus"
 
@@ -33,6 +34,34 @@ def cmd_info(args: argparse.Namespace) -> None:
     print(f"total parameters:  {model.num_parameters():,} ({model.num_parameters() / 1e9:.2f}B)")
     active = model.num_parameters(active_only=True)
     print(f"active per token:  {active:,} ({active / 1e9:.2f}B)")
+
+
+def plan_options() -> argparse.ArgumentParser:
+    """`raymoe plan`'s overrides and options, which may come in any order
+    (`raymoe plan gpt-6.7b --gpu a100-40gb parallel.shard=none`)."""
+    options = argparse.ArgumentParser(prog="raymoe plan CONFIG", add_help=False)
+    options.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.shard=fsdp")
+    options.add_argument("--gpu", choices=list(HARDWARE), default="a100-40gb",
+                         help="the GPU type (default: the cluster YAML's A100 40GB)")
+    options.add_argument("--workers", type=int, default=None,
+                         help="GPUs of the run (default: parallel.num_workers)")
+    options.add_argument("--cluster", default=str(CLUSTER_YAML),
+                         help="cluster YAML whose GPU instance type prices the run")
+    options.add_argument("--price-per-hour", type=float, default=None,
+                         help="USD per instance-hour instead of the on-demand list price")
+    return options
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    """Memory, time and cost on a GPU type; exit 3 when the config does not fit."""
+    from raymoe.plan import format_plan, make_plan
+
+    options = plan_options().parse_intermixed_args(args.rest)
+    cfg = load_config(args.config, options.overrides)
+    plan = make_plan(cfg, options.gpu, options.workers, Path(options.cluster), options.price_per_hour)
+    print(format_plan(plan))
+    if not plan.fits:
+        raise SystemExit(3)
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -255,6 +284,15 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("config", help="preset name or YAML file")
     info.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.moe.num_experts=32")
     info.set_defaults(func=cmd_info)
+
+    plan = sub.add_parser("plan", help="per-GPU memory, step time, MFU and cost of a config on a "
+                                       "GPU type (exit 3 when it does not fit)",
+                          epilog=plan_options().format_help(),
+                          formatter_class=argparse.RawDescriptionHelpFormatter)
+    plan.add_argument("config", help="preset name or YAML file")
+    plan.add_argument("rest", nargs=argparse.REMAINDER, metavar="...",
+                      help="dotted overrides and the options below, in any order")
+    plan.set_defaults(func=cmd_plan)
 
     train = sub.add_parser("train", help="train on a Ray Train worker group (resumes a run "
                                           "of the same name and storage)")

@@ -333,6 +333,14 @@ def load_config(source: str, overrides: list[str] | tuple[str, ...] = ()) -> Con
     return config_from_dict(raw)
 
 
+def with_overrides(cfg: Config, overrides: list[str] | tuple[str, ...]) -> Config:
+    """``cfg`` with dotted overrides applied, validated."""
+    raw = cfg.to_dict()
+    for text in overrides:
+        raw = _deep_merge(raw, parse_override(text))
+    return config_from_dict(raw)
+
+
 def _raw_source(source: str) -> dict[str, Any]:
     if source in PRESETS:
         return PRESETS[source]

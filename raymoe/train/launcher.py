@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow.fs as pafs
 import ray
 import ray.train
+import torch
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -29,6 +30,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from raymoe.config import Config, config_from_dict
 from raymoe.data.storage import is_s3, s3_filesystem
 from raymoe.errors import RaymoeError
+from raymoe.plan import check_fits, device_hardware
 
 
 class ClusterTooSmallError(RaymoeError, RuntimeError):
@@ -79,7 +81,19 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     cfg = config_from_dict(loop_config["config"])
     metrics_dir = Path(loop_config["metrics_dir"]) if loop_config["metrics_dir"] else None
     log = logging.getLogger("raymoe").info  # Ray Train sends worker logs to the console once
-    Trainer(cfg, RayTrainHooks(), ray.train.torch.get_device(), metrics_dir, log=log).run()
+    device = ray.train.torch.get_device()
+    check_gpu_fits(cfg, device)
+    Trainer(cfg, RayTrainHooks(), device, metrics_dir, log=log).run()
+
+
+def check_gpu_fits(cfg: Config, device: torch.device) -> None:
+    """Stop before the first step, with the plan's verdict, when the config cannot fit
+    this GPU (only the workers see which GPU they got: Ray's accelerator label does not
+    tell an A100 40GB from an 80GB)."""
+    if device.type != "cuda":
+        return
+    props = torch.cuda.get_device_properties(device)
+    check_fits(cfg, device_hardware(props.name, props.total_memory))
 
 
 @dataclass
