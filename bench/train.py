@@ -60,7 +60,7 @@ def torchrun_worker(config_json: str, address: str) -> None:
     cfg = config_from_dict(json.loads(config_json))
     run_dir = Path(cfg.train.storage) / cfg.train.run_name
     Trainer(cfg, FileHooks(run_dir, cfg.train.keep_checkpoints, dist.get_rank()),
-            torch.device("cpu"), metrics_dir=run_dir / "metrics", log=lambda _: None).run()
+            torch.device("cpu"), metrics_uri=run_dir / "metrics", log=lambda _: None).run()
     dist.destroy_process_group()
 
 

@@ -72,7 +72,8 @@ class RaymoeJobs:
         self.client = _connect(address, token)
 
     def submit(self, kind: str, args: list[str], *, working_dir: str | None = ".",
-               pip: list[str] | None = None, entrypoint_num_cpus: float = 0,
+               pip: list[str] | None = None, env_vars: dict[str, str] | None = None,
+               entrypoint_num_cpus: float = 0,
                entrypoint_num_gpus: float = 0, run_dir: str = "",
                submission_id: str | None = None) -> str:
         """Start ``raymoe KIND ARGS...`` as a Ray job; returns its id."""
@@ -83,6 +84,8 @@ class RaymoeJobs:
             runtime_env.update(working_dir=working_dir, excludes=UPLOAD_EXCLUDES)
         if pip:
             runtime_env["pip"] = pip
+        if env_vars:  # named by the user (cluster/efa.env), never copied from this process
+            runtime_env["env_vars"] = dict(env_vars)
         config = args[0] if kind in ("train", "eval") and args else ""  # config / checkpoint
         metadata = {"raymoe": "1", "kind": kind, "config": config, "run_dir": run_dir}
         deadline = time.monotonic() + AGENT_WAIT_S
@@ -98,13 +101,16 @@ class RaymoeJobs:
                     raise JobError(f"job server {self.address} did not take the job: {err}") from err
                 time.sleep(1.0)
 
-    def submit_train(self, config: str, overrides: Sequence[str] = (), **kwargs) -> str:
-        """A training run; its run directory (storage/run_name) is recorded with the job."""
+    def submit_train(self, config: str, overrides: Sequence[str] = (), options: Sequence[str] = (),
+                     **kwargs) -> str:
+        """A training run; its run directory (storage/run_name) is recorded with the job.
+        ``options``: raymoe train's own (--wait, --timeout, ...)."""
         from raymoe.config import load_config
-        from raymoe.train.launcher import run_location
+        from raymoe.runs import run_location
 
-        run_dir = run_location(load_config(config, list(overrides))).uri if _is_local_file_or_preset(config) else ""
-        return self.submit("train", [config, *overrides], run_dir=run_dir, **kwargs)
+        local = _is_local_file_or_preset(config)
+        run_dir = run_location(load_config(config, list(overrides))).uri if local else ""
+        return self.submit("train", [config, *overrides, *options], run_dir=run_dir, **kwargs)
 
     def info(self, job_id: str) -> JobInfo:
         details = self.client.get_job_info(job_id)
@@ -151,6 +157,26 @@ class RaymoeJobs:
             if time.monotonic() > deadline:
                 raise JobError(f"job {job_id} still {status.value} after {timeout:g} s")
             time.sleep(poll)
+
+
+def read_env_file(path: str) -> dict[str, str]:
+    """NAME=VALUE lines (blank lines and # comments skipped), for a job's env_vars."""
+    from pathlib import Path
+
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as err:
+        raise JobError(f"{path}: cannot read the environment file: {err}") from err
+    env = {}
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        name, sep, value = line.partition("=")
+        if not sep or not name.strip().isidentifier():
+            raise JobError(f"{path}:{number}: expected NAME=VALUE, got {line!r}")
+        env[name.strip()] = value.strip()
+    return env
 
 
 def _is_local_file_or_preset(config: str) -> bool:

@@ -14,11 +14,11 @@ from raymoe.model import GPT
 from raymoe.parallel import Mesh
 from raymoe.parallel.checkpoint import (
     CheckpointError,
-    latest_checkpoint,
     load_checkpoint,
     save_checkpoint,
     step_directory,
 )
+from raymoe.runs import latest_checkpoint
 from raymoe.train.step import train_step
 
 NO_DROP = False  # without dropping, capacity (a function of local tokens) cannot matter
@@ -59,7 +59,7 @@ def load_and_continue(rank: int, world: int, ep: int, root: str) -> dict:
     mesh = Mesh(ep)
     torch.manual_seed(123)  # other weights: the load must overwrite them all
     model, opt = build(cfg, mesh)
-    extra = load_checkpoint(latest_checkpoint(root), model, mesh, opt)
+    extra = load_checkpoint(latest_checkpoint(str(root)), model, mesh, opt)
     loaded = {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
               "optim": optimizer_state(model, opt),
               "experts": list(mesh.global_expert_ids(cfg.model.moe.num_experts)), "extra": extra}
@@ -125,11 +125,11 @@ def test_checkpoint_without_manifest_is_ignored(tmp_path):
         model.wte.weight.add_(1.0)
     save_checkpoint(step_directory(tmp_path, 2), model, mesh, opt)
     (step_directory(tmp_path, 2) / "manifest.json").unlink()  # a crash before the manifest
-    assert latest_checkpoint(tmp_path) == step_directory(tmp_path, 1)
+    assert latest_checkpoint(str(tmp_path)) == str(step_directory(tmp_path, 1))
     with pytest.raises(CheckpointError, match="no manifest.json; the checkpoint is incomplete"):
         load_checkpoint(step_directory(tmp_path, 2), model, mesh)
     fresh, _ = build(cfg, mesh)
-    load_checkpoint(latest_checkpoint(tmp_path), model, mesh)
+    load_checkpoint(latest_checkpoint(str(tmp_path)), model, mesh)
     assert torch.equal(model.wte.weight, fresh.wte.weight)
 
 

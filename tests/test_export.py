@@ -77,7 +77,8 @@ TEXTS = [("alice keeps a", " red kite"), ("bob drives", " a green truck"), ("eri
 
 def _score_and_resave_with_ep_2(rank: int, world: int, source: str, target: str) -> list[float]:
     from raymoe.data.tokenizers import ByteTokenizer
-    from raymoe.parallel.checkpoint import latest_checkpoint, load_checkpoint, read_manifest
+    from raymoe.parallel.checkpoint import load_checkpoint, read_manifest
+    from raymoe.runs import latest_checkpoint
 
     directory = latest_checkpoint(source)
     extra = read_manifest(directory)["extra"]

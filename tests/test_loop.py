@@ -9,13 +9,14 @@ import pytest
 import torch
 from test_train import config
 
-from raymoe.parallel.checkpoint import latest_checkpoint, step_directory
+from raymoe.parallel.checkpoint import step_directory
+from raymoe.runs import latest_checkpoint
 from raymoe.train.loop import FileHooks, NonFiniteLossError, Trainer
 
 
 def make_trainer(cfg, run_dir, log=None) -> Trainer:
     return Trainer(cfg, FileHooks(run_dir, keep=2, rank=0), torch.device("cpu"),
-                   metrics_dir=run_dir / "metrics", log=log or (lambda _: None))
+                   metrics_uri=run_dir / "metrics", log=log or (lambda _: None))
 
 
 def test_non_finite_steps_are_skipped_then_stop_naming_the_layer(dataset, tmp_path):
@@ -23,8 +24,8 @@ def test_non_finite_steps_are_skipped_then_stop_naming_the_layer(dataset, tmp_pa
                  "train.checkpoint_every=2", "train.nan_tolerance=3")
     run_dir = tmp_path / "nan"
     assert make_trainer(cfg, run_dir).run().step == 2
-    good = latest_checkpoint(run_dir)
-    assert good == step_directory(run_dir, 2)
+    good = latest_checkpoint(str(run_dir))
+    assert good == str(step_directory(run_dir, 2))
 
     cfg.train.max_steps = 10
     lines: list[str] = []
@@ -40,7 +41,7 @@ def test_non_finite_steps_are_skipped_then_stop_naming_the_layer(dataset, tmp_pa
     assert sum("skipped, not finite" in line for line in lines) == 3
     for name, param in trainer.model.named_parameters():  # skipped steps changed nothing
         assert torch.equal(param, before[name]) or name == "blocks.1.mlp.router.weight", name
-    assert latest_checkpoint(run_dir) == good
+    assert latest_checkpoint(str(run_dir)) == good
 
 
 def test_file_hooks_keep_the_last_k_checkpoints(dataset, tmp_path):

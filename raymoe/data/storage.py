@@ -98,6 +98,11 @@ class Location:
         prefix = self.path.rstrip("/")
         return [self if p == self.path else self.join(p[len(prefix) + 1:]) for p in files]
 
+    def children(self) -> list[str]:
+        """The names directly below this directory (none when it does not exist)."""
+        return [i.base_name for i in self._call("list", lambda: self.fs.get_file_info(
+            pafs.FileSelector(self.path, allow_not_found=True)))]
+
     def _call(self, action: str, fn):
         try:
             return fn()

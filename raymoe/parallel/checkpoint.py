@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from raymoe.data.storage import locate
 from raymoe.errors import RaymoeError
 from raymoe.model.moe import is_expert_parameter
 from raymoe.parallel.mesh import Mesh
@@ -40,16 +41,6 @@ class CheckpointError(RaymoeError, RuntimeError):
 
 def step_directory(root: str | Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
-
-
-def latest_checkpoint(root: str | Path) -> Path | None:
-    """The highest-step complete checkpoint under ``root``; incomplete ones are skipped."""
-    root = Path(root)
-    if not root.is_dir():
-        return None
-    complete = [(int(m.group(1)), p) for p in root.iterdir()
-                if (m := STEP_DIR.match(p.name)) and (p / MANIFEST).is_file()]
-    return max(complete)[1] if complete else None
 
 
 def _experts_file(ep_rank: int) -> str:
@@ -138,13 +129,15 @@ def load_rank_state(directory: str | Path, mesh: Mesh) -> dict[str, Any] | None:
 
 
 def read_manifest(directory: str | Path) -> dict[str, Any]:
-    path = Path(directory) / MANIFEST
-    if not path.is_file():
+    """The format-checked manifest of a checkpoint, read where it lies (a local directory
+    or an s3:// URI: raymoe.runs finds checkpoints through it without downloading them)."""
+    path = locate(str(directory)).join(MANIFEST)
+    if not path.exists():
         raise CheckpointError(f"{directory}: no {MANIFEST}; the checkpoint is incomplete "
                               "(a save that did not finish) or not a raymoe checkpoint")
-    manifest = json.loads(path.read_text())
+    manifest = json.loads(path.read_bytes())
     if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+        raise CheckpointError(f"{path.uri}: format {manifest.get('format')!r}, expected {FORMAT!r}")
     return manifest
 
 

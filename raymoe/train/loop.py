@@ -26,12 +26,12 @@ from raymoe.model import GPT
 from raymoe.model.precision import autocast, autocast_dtype
 from raymoe.parallel import Mesh
 from raymoe.parallel.checkpoint import (
-    latest_checkpoint,
     load_checkpoint,
     load_rank_state,
     save_checkpoint,
     step_directory,
 )
+from raymoe.runs import complete_checkpoints, latest_checkpoint
 from raymoe.train.metrics import MetricsWriter, StepTimer, step_metrics
 from raymoe.train.optim import build_optimizer, learning_rate, set_learning_rate
 from raymoe.train.preflight import open_training_dataset
@@ -71,7 +71,8 @@ class FileHooks:
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
-        yield latest_checkpoint(self.run_dir)
+        latest = latest_checkpoint(str(self.run_dir))
+        yield Path(latest) if latest else None
 
     def new_checkpoint_dir(self, step: int) -> Path:
         return step_directory(self.run_dir, step)
@@ -79,8 +80,7 @@ class FileHooks:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         if checkpoint_dir is None or self.rank != 0:
             return
-        complete = sorted(p for p in self.run_dir.glob("step-*") if (p / "manifest.json").is_file())
-        for old in complete[:-self.keep]:
+        for old in map(Path, complete_checkpoints(str(self.run_dir))[:-self.keep]):
             for f in old.iterdir():
                 f.unlink()
             old.rmdir()
@@ -88,7 +88,7 @@ class FileHooks:
 
 class Trainer:
     def __init__(self, cfg: Config, hooks: RunHooks, device: torch.device,
-                 metrics_dir: Path | None = None, log=print):
+                 metrics_uri: str | Path | None = None, log=print):
         self.cfg, self.hooks, self.device, self.log = cfg, hooks, device, log
         self.mesh = Mesh(cfg.parallel.ep_size)
         self.rank, self.world = self.mesh.rank, self.mesh.world_size
@@ -99,7 +99,7 @@ class Trainer:
         self.tokenizer_json = (self.dataset.root.join(TOKENIZER_FILE).read_bytes()
                                if self.dataset.manifest["tokenizer"] == TOKENIZER_FILE else None)
         """A trained tokenizer, read once, copied into every checkpoint (self-contained)."""
-        self.metrics = MetricsWriter(metrics_dir) if metrics_dir is not None and self.rank == 0 else None
+        self.metrics = MetricsWriter(metrics_uri) if metrics_uri is not None and self.rank == 0 else None
         self.step, self.tokens, self.skipped, self.consecutive_nan = 0, 0, 0, 0
         cursor = self._resume()
         self.reader = SequenceReader(self.dataset, "train", self.rank, self.world,
@@ -150,6 +150,8 @@ class Trainer:
             return self._run()
         finally:
             self.reader.close()
+            if self.metrics is not None:
+                self.metrics.close()
 
     def _run(self) -> TrainSummary:
         cfg, t = self.cfg, self.cfg.train
@@ -194,7 +196,7 @@ class Trainer:
 
     def _publish(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
         if self.metrics is not None:
-            self.metrics.write(self.step, metrics)
+            self.metrics.write(self.step, metrics, sync=checkpoint is not None)
             if "loss" in metrics:
                 self.log(self.metrics.progress_line(self.step, metrics, self.cfg.train, self.tokens))
         self.hooks.report(metrics, checkpoint, self.step)

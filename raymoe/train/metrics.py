@@ -1,18 +1,23 @@
 """Training metrics: what is measured each logged step, and where it is written
-(TensorBoard event files and metrics.jsonl beside the run, a progress line)."""
+(TensorBoard event files and metrics.jsonl in the run's storage, a progress line)."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import math
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pyarrow.fs as pafs
 import torch
 
 from raymoe.config import TrainConfig
+from raymoe.data.storage import locate
+from raymoe.runs import METRICS_FILE
 
 if TYPE_CHECKING:
     from raymoe.train.loop import Trainer
@@ -66,23 +71,57 @@ def step_metrics(trainer: Trainer, result: StepResult, lr: float, seconds: float
 
 
 class MetricsWriter:
-    """TensorBoard event files and a metrics.jsonl line per report, in ``directory``."""
+    """TensorBoard event files and a metrics.jsonl line per report, kept in the run's
+    storage ``uri`` (a local directory or s3://) beside its checkpoints, so a study or a
+    user reads them from there whichever node rank 0 ran on.
 
-    def __init__(self, directory: Path):
+    For remote storage the files are written in a local staging directory and copied up
+    (whole objects: S3 has no append) at most every ``sync_seconds``, with every
+    checkpoint and at close; a resumed run first fetches the metrics.jsonl it continues.
+    """
+
+    def __init__(self, uri: str | Path, sync_seconds: float = 30.0):
         from tensorboardX import SummaryWriter
 
-        self.directory = Path(directory)
+        self.target = locate(str(uri))
+        self.remote = not isinstance(self.target.fs, pafs.LocalFileSystem)
+        self.directory = (Path(tempfile.mkdtemp(prefix="raymoe-metrics-")) if self.remote
+                          else Path(self.target.path))
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self.remote and self.target.join(METRICS_FILE).exists():
+            (self.directory / METRICS_FILE).write_bytes(self.target.join(METRICS_FILE).read_bytes())
         self.tensorboard = SummaryWriter(str(self.directory / "tensorboard"))
+        self.sync_seconds = sync_seconds
+        self.synced: dict[Path, tuple[int, int]] = {}
+        self.last_sync = time.monotonic()
         self.started = time.monotonic()
 
-    def write(self, step: int, metrics: dict[str, Any]) -> None:
+    def write(self, step: int, metrics: dict[str, Any], sync: bool = False) -> None:
         for key, value in metrics.items():
             if isinstance(value, (int, float)) and math.isfinite(value):
                 self.tensorboard.add_scalar(key, value, step)
         self.tensorboard.flush()
-        with open(self.directory / "metrics.jsonl", "a") as f:
+        with open(self.directory / METRICS_FILE, "a") as f:
             f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
+        if sync or time.monotonic() - self.last_sync >= self.sync_seconds:
+            self.sync()
+
+    def sync(self) -> None:
+        """Copy the files that changed since the last sync to the run's storage."""
+        self.last_sync = time.monotonic()
+        if not self.remote:
+            return
+        for path in sorted(p for p in self.directory.rglob("*") if p.is_file()):
+            stat = path.stat()
+            if self.synced.get(path) != (stat.st_size, stat.st_mtime_ns):
+                self.target.join(*path.relative_to(self.directory).parts).write_bytes(path.read_bytes())
+                self.synced[path] = (stat.st_size, stat.st_mtime_ns)
+
+    def close(self) -> None:
+        self.tensorboard.close()
+        self.sync()
+        if self.remote:
+            shutil.rmtree(self.directory, ignore_errors=True)
 
     def progress_line(self, step: int, metrics: dict[str, Any], cfg: TrainConfig, tokens: int) -> str:
         rate = metrics["tokens_per_s"]

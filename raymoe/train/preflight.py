@@ -45,7 +45,7 @@ def shape_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
 def check_resume_fits(cfg: Config, run_uri: str) -> None:
     """The run's latest checkpoint (if any), whose manifest is read where it lies, holds
     a model of the config's shape."""
-    from raymoe.eval.loading import checkpoint_manifest
+    from raymoe.runs import checkpoint_manifest
 
     try:
         manifest = checkpoint_manifest(run_uri)
