@@ -14,7 +14,8 @@ import psutil
 import pytest
 
 from raymoe.config import load_config
-from raymoe.train.launcher import ClusterTooSmallError, train_on_ray
+from raymoe.train.capacity import ClusterTooSmallError
+from raymoe.train.launcher import train_on_ray
 
 SMALL = ["model.seq_len=32", "model.d_model=32", "model.n_layer=2", "model.n_head=2",
          "train.global_batch=8", "train.micro_batch=4", "train.log_every=1",
@@ -117,16 +118,17 @@ def test_checkpoints_to_s3_and_resumes_from_them(dataset, s3_server, tmp_path):
     second = train_on_ray(config(dataset, storage, "on-s3", "train.max_steps=4",
                                  "train.checkpoint_every=2"))
     assert second.error is None and second.metrics["step"] == 4
-    steps = [json.loads(line)["step"] for line in (Path("runs") / "on-s3" / "metrics" /
-                                             "metrics.jsonl").read_text().splitlines()]
-    assert steps[-2:] == [3, 4]
+    with fs.open_input_stream(f"{s3_server['bucket']}/runs/on-s3/metrics/metrics.jsonl") as f:
+        steps = [json.loads(line)["step"] for line in f.read().decode().splitlines()]
+    assert steps == [1, 2, 3, 4]  # in the run's storage, continued by the resumed run
 
 
 def test_too_many_workers_fail_fast_with_the_numbers(dataset, tmp_path):
     cfg = config(dataset, str(tmp_path), "big", "parallel.num_workers=16",
                  "train.global_batch=64")
-    with pytest.raises(ClusterTooSmallError, match=r"needs 8 CPUs \(16 workers x 0.5\); the "
-                                                   r"cluster has 4"):
+    with pytest.raises(ClusterTooSmallError, match=r"needs 8 CPU \(16 workers x 0.5 CPU\); 8 of "
+                                                   r"16 workers fit on the cluster's 1 node\(s\) "
+                                                   r"with 4 CPU \(the cluster has no autoscaler"):
         train_on_ray(cfg)
 
 
