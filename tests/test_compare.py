@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import yaml
 
-from raymoe.compare import load_study, run_study
 from raymoe.eval.runner import evaluate_checkpoint
 from raymoe.eval.tasks import SAMPLE_DATA
+from raymoe.study.run import run_study
+from raymoe.study.spec import load_study
 
 
 def test_tiny_study_writes_plot_csv_and_table(dataset, tmp_path):
@@ -33,7 +35,7 @@ def test_tiny_study_writes_plot_csv_and_table(dataset, tmp_path):
     }))
     study = load_study(str(study_file))
     report = run_study(study)
-    out = study.directory
+    out = Path(study.uri)
     assert (out / "validation_loss.png").stat().st_size > 10_000
     with open(out / "validation_curves.csv") as f:
         rows = list(csv.DictReader(f))

@@ -66,7 +66,7 @@ def test_bad_yaml_names_the_file(tmp_path):
 def test_shipped_studies_load(monkeypatch):
     from pathlib import Path
 
-    from raymoe.compare import load_study
+    from raymoe.study.spec import load_study
 
     repo = Path(__file__).parents[1]
     monkeypatch.chdir(repo)  # studies name their model configs relative to the repository

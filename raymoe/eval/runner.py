@@ -3,11 +3,12 @@ loads the checkpoint once and scores whole chunks, so the numbers equal one proc
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
-from raymoe.errors import root_cause
+from raymoe.errors import RaymoeError, root_cause
 from raymoe.eval.harness import (
     Chunk,
     ChunkScorer,
@@ -17,8 +18,9 @@ from raymoe.eval.harness import (
     score_chunk,
     score_here,
 )
-from raymoe.eval.loading import checkpoint_manifest, load_model
+from raymoe.eval.loading import load_model
 from raymoe.eval.scoring import Scorer
+from raymoe.runs import checkpoint_manifest
 
 
 def evaluate_checkpoint(checkpoint: str, options: EvalOptions, *, workers: int = 0,
@@ -57,18 +59,78 @@ class EvalWorker:
 def score_on_ray(checkpoint: str, options: EvalOptions, workers: int, cpus_per_worker: float,
                  tokenizer: str | None, device: str) -> ChunkScorer:
     import ray
-    from ray.util import ActorPool
 
     actor = ray.remote(EvalWorker).options(num_cpus=cpus_per_worker,
                                            num_gpus=1 if device.startswith("cuda") else 0)
     threads = max(int(cpus_per_worker), 1)
+    return _pool_scorer(lambda: [actor.remote(checkpoint, options, tokenizer, device, threads)
+                                 for _ in range(workers)])
+
+
+def _pool_scorer(start_actors: Callable[[], list[Any]]) -> ChunkScorer:
+    import ray
+    from ray.util import ActorPool
 
     def score(chunks: list[Chunk]) -> Iterator[list[dict[str, float]]]:
-        pool = ActorPool([actor.remote(checkpoint, options, tokenizer, device, threads)
-                          for _ in range(workers)])
+        pool = ActorPool(start_actors())
         try:
             yield from pool.map(lambda a, chunk: a.score.remote(chunk), chunks)
         except ray.exceptions.RayError as err:  # the worker's own error, not Ray's wrapping
             raise root_cause(err) from None
 
     return score
+
+
+class EvalCapacityError(RaymoeError, RuntimeError):
+    """No node of the cluster can hold the model for evaluation."""
+
+
+def inference_bytes(manifest: dict[str, Any]) -> int:
+    """Memory one process needs to evaluate a checkpoint: its model in fp32 twice over
+    (the model, and the checkpoint's tensors being copied into it)."""
+    from raymoe.config import config_from_dict
+    from raymoe.model import GPT
+
+    with torch.device("meta"):
+        model = GPT(config_from_dict(manifest["extra"]["config"]).model)
+    return 2 * 4 * model.num_parameters()
+
+
+def node_placements(checkpoint: str, need: int, max_nodes: int = 0) -> list[tuple[str, int]]:
+    """(node id, CPUs) of the nodes that can hold the model, most CPUs first: until
+    expert-parallel inference exists a MoE model is evaluated whole in one process per
+    node, scoring with all the node's CPUs."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
+    fitting = sorted(((n["NodeID"], int(n["Resources"]["CPU"])) for n in nodes
+                      if n["Resources"].get("memory", 0) >= need), key=lambda p: -p[1])
+    if not fitting:
+        largest = max((n["Resources"].get("memory", 0) for n in nodes), default=0)
+        raise EvalCapacityError(
+            f"{checkpoint}: evaluating needs about {need / 2**30:.1f} GiB in one process (the "
+            f"model in fp32, twice while loading); the largest of the cluster's {len(nodes)} "
+            f"node(s) with CPUs offers {largest / 2**30:.1f} GiB of Ray memory. Add a node "
+            "with more memory (expert-parallel inference, which would split the model, does "
+            "not exist yet)")
+    return fitting[:max_nodes or None]
+
+
+def evaluate_on_nodes(checkpoint: str, options: EvalOptions, max_nodes: int = 0,
+                      tokenizer: str | None = None, show_progress: bool = False) -> EvalResults:
+    """Score on one Ray actor per node (at most ``max_nodes``; 0: every node that can hold
+    the model), each holding the whole model and all the node's CPUs and memory it needs."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    manifest = checkpoint_manifest(checkpoint)
+    need = inference_bytes(manifest)
+    placements = node_placements(manifest["uri"], need, max_nodes)
+    actor = ray.remote(EvalWorker)
+    score = _pool_scorer(lambda: [
+        actor.options(num_cpus=cpus, memory=need,
+                      scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False))
+        .remote(manifest["uri"], options, tokenizer, "cpu", cpus)
+        for node, cpus in placements])
+    return evaluate(options, score, manifest["uri"], int(manifest["extra"].get("step", 0)),
+                    show_progress)

@@ -1,0 +1,67 @@
+"""Running a study: every trial a raymoe training run (a TorchTrainer driven from a Tune
+function trial, the pattern Ray 2.60 supports), Tune's experiment state in the study's
+storage (so an interrupted study resumes), then evaluation and the report."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+from raymoe.config import load_config
+from raymoe.data.storage import is_s3, locate
+from raymoe.errors import RaymoeError, find_cause
+from raymoe.study.evaluate import evaluate_trials
+from raymoe.study.report import Report, build_report
+from raymoe.study.spec import Study
+from raymoe.train.capacity import WaitPolicy
+
+
+def _trial(trial: dict[str, Any]) -> None:
+    """One Tune trial: a raymoe training run whose reports flow into Tune."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raymoe.train.launcher import train_on_ray
+
+    cfg = load_config(trial["trial"]["config"], trial["trial"]["overrides"])
+    result = train_on_ray(cfg, trial["wait"], trial["timeout"], callbacks=[TuneReportCallback()])
+    if result.error is not None:
+        raise result.error
+
+
+def trial_error(err: BaseException) -> str:
+    """A user-fixable error as one line; anything else with its traceback."""
+    cause = find_cause(err, RaymoeError)
+    return f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
+
+
+def run_study(study: Study, wait: WaitPolicy = "auto", timeout: float = 1800.0) -> Report:
+    """Run every trial (or resume them) on the connected Ray cluster, then report.
+    ``wait``/``timeout``: each trial's wait for its worker group (raymoe.train.capacity)."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    scheduler = None
+    if study.asha:
+        scheduler = ASHAScheduler(metric="val_loss", mode="min", time_attr="step", **study.asha)
+    state = locate(study.storage).join(".tune")
+    tuner = tune.Tuner(
+        # The trial only drives a TorchTrainer: it must not hold the CPUs its workers need.
+        tune.with_resources(_trial, {"CPU": 0, "memory": 1_000_000}),
+        param_space={"trial": tune.grid_search(study.trials()), "wait": wait, "timeout": timeout},
+        tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent_trials,
+                                    scheduler=scheduler),
+        run_config=tune.RunConfig(name=f"{study.name}-tune", storage_path=state.path,
+                                  storage_filesystem=state.fs if is_s3(state.uri) else None),
+    )
+    grid = tuner.fit()
+    errors = {}
+    for result in (grid[i] for i in range(len(grid))):
+        if result.error is not None:
+            name = (result.config or {})["trial"]["name"]
+            errors[name] = trial_error(result.error)
+            if find_cause(result.error, RaymoeError) is None:
+                print(f"trial {name} failed:\n{result.error}", file=sys.stderr)
+    eval_errors = evaluate_trials(study, skip=set(errors)) if study.eval is not None else {}
+    report = build_report(study, errors, eval_errors)
+    report.write(study.uri)
+    return report
