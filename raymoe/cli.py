@@ -65,13 +65,14 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from raymoe.train.launcher import run_location, train_on_ray
+    from raymoe.runs import run_location
+    from raymoe.train.launcher import train_on_ray
     from raymoe.train.preflight import preflight
 
     cfg = load_config(args.config, args.overrides)
     preflight(cfg, run_location(cfg).uri)  # before a Ray cluster is joined or started
     connect_ray(args.address)
-    result = train_on_ray(cfg, wait_for_resources=args.wait_for_resources)
+    result = train_on_ray(cfg, wait=args.wait, timeout=args.timeout)
     report_result(result)
 
 
@@ -106,12 +107,13 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join the cluster at ``address`` (or start a local one), its known noise silenced."""
+    """Join the cluster at ``address`` or RAY_ADDRESS (as in a Ray job), else start a
+    local one of ``num_cpus``; its known noise silenced."""
     import ray
 
     from raymoe.console import drop_harmless_worker_lines, quiet_ray
 
-    local = address is None
+    local = address is None and not os.environ.get("RAY_ADDRESS")
     quiet_ray()
     ray.init(address=address, num_cpus=num_cpus if local else None, log_to_driver=True)
     drop_harmless_worker_lines()
@@ -128,11 +130,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
-    from raymoe.compare import load_study, run_study
+    from raymoe.study.run import run_study
+    from raymoe.study.spec import load_study
 
     study = load_study(args.study)
-    connect_ray(args.address, num_cpus=4 if args.address is None else None)
-    report = run_study(study)
+    connect_ray(args.address, num_cpus=4)
+    report = run_study(study, wait=args.wait, timeout=args.timeout)
     print(report.table())
     for line in report.comparisons:
         print(line)
@@ -140,7 +143,7 @@ def cmd_compare(args: argparse.Namespace) -> None:
         print(report.table1())
         for line in report.eval_failures:
             print(line)
-    print(f"report, plot and CSV in {study.directory}")
+    print(f"report, plot and CSV in {study.uri}")
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -237,12 +240,21 @@ def _jobs(args: argparse.Namespace):
 
 
 def cmd_submit(args: argparse.Namespace) -> None:
+    from raymoe.jobs import read_env_file
+
+    env_vars = read_env_file(args.env_file) if args.env_file else None
+    train = None
+    if args.kind == "train":  # train's own parsing (before any job server), for the run's directory
+        train = build_parser().parse_args(["train", *args.args])
     jobs = _jobs(args)
-    if args.kind == "train":
-        job_id = jobs.submit_train(args.args[0], args.args[1:], working_dir=args.working_dir,
-                                   entrypoint_num_gpus=args.entrypoint_gpus)
+    if train is not None:
+        options = args.args[:]
+        for positional in (train.config, *train.overrides):
+            options.remove(positional)
+        job_id = jobs.submit_train(train.config, train.overrides, options, working_dir=args.working_dir,
+                                   entrypoint_num_gpus=args.entrypoint_gpus, env_vars=env_vars)
     else:
-        job_id = jobs.submit(args.kind, args.args, working_dir=args.working_dir)
+        job_id = jobs.submit(args.kind, args.args, working_dir=args.working_dir, env_vars=env_vars)
     print(f"submitted {args.kind} job {job_id} to {args.address}")
     if args.follow:
         for chunk in jobs.follow(job_id):
@@ -274,6 +286,17 @@ def cmd_jobs(args: argparse.Namespace) -> None:
         print(f"{info.job_id}  {info.status:9s}  {info.kind:8s}  {info.config:24s}  {info.run_dir}")
 
 
+def add_wait_options(command: argparse.ArgumentParser) -> None:
+    """When the cluster is too small for a worker group: wait for it to grow or fail."""
+    wait = command.add_mutually_exclusive_group()
+    wait.add_argument("--wait", dest="wait", action="store_const", const="wait", default="auto",
+                      help="wait for nodes to join (default: when the cluster has an autoscaler)")
+    wait.add_argument("--no-wait", dest="wait", action="store_const", const="no-wait",
+                      help="fail at once, naming the numbers, when the cluster is too small")
+    command.add_argument("--timeout", type=float, default=1800.0,
+                         help="seconds to wait for the worker group's nodes (default 1800)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="raymoe", description=__doc__)
     parser.add_argument("--debug", action="store_true",
@@ -299,8 +322,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="preset name or YAML file")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=100")
     train.add_argument("--address", default=None, help="Ray cluster address (default: local)")
-    train.add_argument("--wait-for-resources", action="store_true",
-                       help="wait for an autoscaling cluster instead of failing when too small")
+    add_wait_options(train)
     train.set_defaults(func=cmd_train)
 
     demo = sub.add_parser("demo", help="prepare the bundled sample, train a tiny MoE GPT on "
@@ -331,6 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare = sub.add_parser("compare", help="the dense-versus-MoE study (Ray Tune) and its report")
     compare.add_argument("study", help="study YAML, e.g. jobs/configs/study-tiny.yaml")
     compare.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    add_wait_options(compare)
     compare.set_defaults(func=cmd_compare)
 
     evaluate = sub.add_parser("eval", help="zero-shot evaluation of a checkpoint (LAMBADA, PIQA, "
@@ -393,10 +416,16 @@ def build_parser() -> argparse.ArgumentParser:
         return command
 
     submit = job_command("submit", "submit raymoe work to a Ray cluster as a Ray job", cmd_submit)
-    submit.add_argument("kind", choices=sorted(KINDS))
-    submit.add_argument("args", nargs=argparse.REMAINDER, help="the command's own arguments")
+    submit.description = ("Submit `raymoe KIND ARGS...` as a Ray job. submit's own options may "
+                          "come before or after the kind; every other argument is the command's "
+                          "(after --, all of them are). --help shows this and submits nothing.")
+    submit.allow_abbrev = False  # a command's option is never taken for an abbreviated one of submit's
+    submit.add_argument("kind", choices=sorted(KINDS),
+                        help="the command to run; its arguments follow (see `raymoe KIND --help`)")
     submit.add_argument("--working-dir", default=".", help="uploaded as the job's working_dir")
     submit.add_argument("--entrypoint-gpus", type=float, default=0)
+    submit.add_argument("--env-file", default=None, metavar="FILE",
+                        help="NAME=VALUE lines for the job's environment (cluster/efa.env: NCCL over EFA)")
     submit.add_argument("--follow", action="store_true", help="stream the logs until it ends")
     for name, help_text, func in (("status", "a job's status", cmd_status),
                                   ("stop", "stop a job", cmd_stop)):
@@ -416,11 +445,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """As argparse does, except that what `raymoe submit` does not know is the command's."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.command != "submit":
+        if rest:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        return args
+    if "--" in rest:
+        rest.remove("--")
+    args.args = rest
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     """Exit 0 on success; 2 with one line for an error that is the user's to fix (found
     inside Ray's wrappers too); anything else is a bug and keeps its traceback (exit 1).
     ``--debug`` or RAYMOE_DEBUG=1 prints the traceback of every error."""
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     debug = args.debug or os.environ.get("RAYMOE_DEBUG", "") not in ("", "0")
     try:
         args.func(args)
