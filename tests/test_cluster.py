@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,67 @@ def test_kuberay_manifests_have_the_expected_layout():
     assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob")
     assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
     assert "python -m raymoe.cli train jobs/configs/gpt-1.3b-moe128.yaml" in job["spec"]["entrypoint"]
+
+
+GPU_GROUPS = ("gpu_p4d", "gpu_p4d_spot")
+
+
+def test_every_p4d_group_has_four_efa_interfaces_that_ray_accepts():
+    """The p4d's four network cards each get an EFA interface, with the subnet and group
+    Ray's AWS provider takes from them (its own function; `ray up` itself needs AWS)."""
+    from ray.autoscaler._private.aws.config import (
+        _configure_subnets_and_groups_from_network_interfaces,
+    )
+
+    raw = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    for group in GPU_GROUPS:
+        node = copy.deepcopy(raw["available_node_types"][group]["node_config"])
+        interfaces = node["NetworkInterfaces"]
+        assert [(i["NetworkCardIndex"], i["InterfaceType"]) for i in interfaces] == \
+            [(card, "efa") for card in range(4)], group
+        assert [i["DeviceIndex"] for i in interfaces] == [0, 1, 1, 1]
+        configured = _configure_subnets_and_groups_from_network_interfaces(node)
+        assert configured["SubnetIds"] and configured["SecurityGroupIds"]
+        assert node["Placement"] == {"GroupName": "raymoe-nccl"}
+    broken = copy.deepcopy(raw["available_node_types"]["gpu_p4d"]["node_config"])
+    del broken["NetworkInterfaces"][2]["SubnetId"]
+    with pytest.raises(ValueError, match="missing a subnet"):
+        _configure_subnets_and_groups_from_network_interfaces(broken)
+
+
+def test_the_image_carries_efa_and_the_containers_may_pin_memory():
+    """Not buildable here (no registry, no GPU): the fields that make NCCL use EFA."""
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert re.search(r"^FROM rayproject/ray:2\.60\.0-py311-cu\d+$", dockerfile, re.M)
+    assert "efa_installer.sh -y --skip-kmod" in dockerfile  # libfabric, no kernel module
+    assert "aws-ofi-nccl" in dockerfile and "--with-libfabric=/opt/amazon/efa" in dockerfile
+    assert "pip install --no-cache-dir torch==2.13.0" in dockerfile
+    assert "/opt/aws-ofi-nccl/lib" in dockerfile  # where NCCL finds the plugin
+    raw = yaml.safe_load((CLUSTER / "aws.yaml").read_text())
+    options = raw["docker"]["run_options"]
+    assert "--ulimit memlock=-1:-1" in options and "--cap-add=IPC_LOCK" in options
+    assert "--device=/dev/infiniband" in options and raw["docker"]["image"].endswith(":2.60.0-efa")
+
+
+def test_the_jobs_get_the_efa_environment():
+    from raymoe.jobs import read_env_file
+
+    env = read_env_file(str(CLUSTER / "efa.env"))
+    assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1"
+    assert env["NCCL_NET_PLUGIN"] == "ofi"
+    job = yaml.safe_load((CLUSTER / "kuberay" / "rayjob.yaml").read_text())
+    assert yaml.safe_load(job["spec"]["runtimeEnvYAML"])["env_vars"] == env
+
+
+def test_kuberay_workers_have_shared_memory_and_may_pin_memory():
+    cluster = yaml.safe_load((CLUSTER / "kuberay" / "raycluster.yaml").read_text())
+    for group in cluster["spec"]["workerGroupSpecs"]:
+        pod = group["template"]["spec"]
+        container = pod["containers"][0]
+        shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+        assert shm["emptyDir"]["medium"] == "Memory"
+        assert {"name": "dshm", "mountPath": "/dev/shm"} in container["volumeMounts"]
+        if "nvidia.com/gpu" in container["resources"]["limits"]:
+            assert container["resources"]["limits"]["vpc.amazonaws.com/efa"] == "4"
+            assert "IPC_LOCK" in container["securityContext"]["capabilities"]["add"]
+            assert container["image"].endswith(":2.60.0-efa")
