@@ -1,0 +1,115 @@
+"""A multi-node Ray cluster on this machine, shaped like the shipped cluster YAML: a head
+that offers no CPU (`ray start --head --num-cpus=0`) with token authentication, and
+worker nodes that join it (`ray start --address`), each with its own resources, ports and
+temp dir. Every raymoe process of a test is a subprocess (the CLI, or a Ray job), so the
+test process never joins this cluster and the session's other Ray cluster is untouched.
+Stopped by ending exactly its own processes (a plain `ray stop` would end every cluster
+on the machine)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+from conftest import REPO, free_port
+
+BIN = Path(sys.executable).parent
+
+
+def _own_ports() -> list[str]:
+    return [f"--{flag}={free_port()}" for flag in (
+        "node-manager-port", "object-manager-port", "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port")]
+
+
+@dataclass
+class MultiNodeCluster:
+    root: Path
+    token: str = field(default_factory=lambda: secrets.token_hex(16))
+    port: int = field(default_factory=free_port)
+    dashboard_port: int = field(default_factory=free_port)
+    workers: list[Path] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        """The GCS address, for `raymoe train --address` and `ray start --address`."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def job_server(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of every process of this cluster and of its clients: the token,
+        the S3 variables (set by the s3_server fixture), this venv first on PATH."""
+        env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
+                   PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+                   RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1", PYTHONPATH=str(REPO),
+                   # a loaded 2-core machine starts a node's agents slowly
+                   RAY_agent_register_timeout_ms="120000", **extra)
+        env.pop("RAY_ADDRESS", None)
+        return env
+
+    def _ray_start(self, temp_dir: Path, arguments: Callable[[], list[str]]) -> None:
+        """`ray start` with ports of its own; once more with new ports when it fails (a
+        port taken between choosing and binding it, or agents too slow on a loaded machine)."""
+        for attempt in range(2):
+            args = arguments()
+            directory = temp_dir.with_name(f"{temp_dir.name}-{attempt}")
+            directory.mkdir(parents=True)
+            started = subprocess.run([str(BIN / "ray"), "start", f"--temp-dir={directory}",
+                                      "--disable-usage-stats", *_own_ports(), *args],
+                                     env=self.env(), capture_output=True, text=True, timeout=300)
+            if started.returncode == 0:
+                return
+            self._kill(directory)
+        raise AssertionError(f"ray start {' '.join(args)}:\n{started.stdout[-3000:]}\n"
+                             f"{started.stderr[-3000:]}")
+
+    def start_head(self) -> None:
+        def arguments() -> list[str]:
+            self.port, self.dashboard_port = free_port(), free_port()
+            return ["--head", f"--port={self.port}", "--num-cpus=0", "--object-store-memory=200000000",
+                    f"--dashboard-port={self.dashboard_port}", "--dashboard-host=127.0.0.1",
+                    f"--ray-client-server-port={free_port()}"]
+        self._ray_start(self.root / "head", arguments)
+
+    def add_worker(self, cpus: int, memory_gib: float) -> None:
+        """A worker node of ``cpus`` logical CPUs and ``memory_gib`` of Ray memory."""
+        temp_dir = self.root / f"worker{len(self.workers)}"
+        self._ray_start(temp_dir, lambda: [f"--address={self.address}", f"--num-cpus={cpus}",
+                                           f"--memory={int(memory_gib * 2**30)}",
+                                           "--object-store-memory=200000000"])
+        self.workers.append(temp_dir)
+
+    def raymoe(self, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+        """The raymoe command, run from ``cwd``, its output captured."""
+        return subprocess.run([str(BIN / "raymoe"), *args], cwd=cwd, env=self.env(),
+                              capture_output=True, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        self._kill(self.root)
+
+    @staticmethod
+    def _kill(directory: Path) -> None:
+        for proc in psutil.process_iter(["pid", "cmdline"]):
+            if str(directory) in " ".join(proc.info["cmdline"] or []):
+                with contextlib.suppress(psutil.Error, ProcessLookupError):
+                    os.kill(proc.info["pid"], signal.SIGKILL)
+
+
+def wait_until(predicate, timeout: float, what: str, poll: float = 1.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(poll)

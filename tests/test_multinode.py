@@ -1,0 +1,222 @@
+"""The cluster path as users run it, on a real multi-node Ray cluster on this machine (a
+CPU-less head with token auth, worker nodes that join later) with S3 storage (SeaweedFS):
+a job that waits for its nodes, a resume from a driver in a fresh directory, a fixed
+cluster that fails fast, and a study submitted as a job whose every artefact is read back
+from S3. Each driver runs in a temporary directory that is deleted before the checks, so
+nothing a run or a study wrote can be found on the driver's disk."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import REPO
+from multinode import BIN, MultiNodeCluster, wait_until
+
+from raymoe.jobs import RaymoeJobs
+
+pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
+
+WORKER_CPUS = 3
+"""Two training workers of 2 CPUs cannot share a node: each node holds one, and keeps a
+CPU for the Ray Data tasks that stream its shards."""
+SMALL = ["model.seq_len=32", "model.d_model=32", "model.n_layer=2", "model.n_head=2",
+         "train.global_batch=8", "train.micro_batch=4", "train.log_every=1", "train.eval_every=2",
+         "train.eval_batches=1", "optim.warmup_tokens=256", "parallel.num_workers=2",
+         "parallel.cpus_per_worker=2"]
+PREPARE = """
+import sys, ray
+from raymoe.data.prepare import PrepareOptions, prepare
+ray.init(num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[2])
+prepare(PrepareOptions([sys.argv[3]], sys.argv[1], tokenizer="bytes", seq_len=32,
+                       val_fraction=0.05, doc_chars=8000, docs_per_shard=16), log=lambda _: None)
+"""
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server):
+    """The head alone (CPU 0, like cluster/aws.yaml's); tests add the worker nodes. Ray's
+    temp dirs are short paths of their own (Ray's socket paths have a length limit)."""
+    root = Path(tempfile.mkdtemp(prefix="raymoe-mn-"))
+    nodes = MultiNodeCluster(root)
+    try:
+        nodes.start_head()
+        yield nodes
+    finally:
+        nodes.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def s3(s3_server):
+    """This module's prefix in the bucket, and the bytes reader the checks use."""
+    prefix = f"multinode-{secrets.token_hex(4)}"
+    fs = s3_server["fs"]
+
+    def read(key: str) -> bytes:
+        with fs.open_input_stream(f"{s3_server['bucket']}/{prefix}/{key}") as f:
+            return f.read()
+
+    def listing(key: str) -> list[str]:
+        from pyarrow import fs as pafs
+
+        base = f"{s3_server['bucket']}/{prefix}/{key}"
+        infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+        return sorted(i.path[len(base) + 1:] for i in infos if i.type == pafs.FileType.File)
+
+    return {"uri": f"s3://{s3_server['bucket']}/{prefix}", "read": read, "list": listing}
+
+
+@pytest.fixture(scope="module")
+def dataset_uri(s3, tmp_path_factory) -> str:
+    """The bundled sample prepared straight into S3 (by a local Ray of its own: the
+    cluster has no worker node yet)."""
+    uri = f"{s3['uri']}/data"
+    temp = tempfile.mkdtemp(prefix="raymoe-prep-")
+    try:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # a Ray of its own
+        done = subprocess.run([sys.executable, "-c", PREPARE, uri, temp,
+                               str(REPO / "raymoe" / "sample" / "corpus")], env=env,
+                              capture_output=True, text=True, timeout=300,
+                              cwd=tmp_path_factory.mktemp("prep"))
+        assert done.returncode == 0, done.stderr[-3000:]
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    return uri
+
+
+def job_id_of(output: str) -> str:
+    found = re.search(r"submitted \w+ job (raysubmit_\w+)", output)
+    assert found, output
+    return found.group(1)
+
+
+def test_a_job_waits_for_nodes_then_trains_and_a_new_driver_resumes_from_s3(cluster, s3, dataset_uri):
+    storage = f"{s3['uri']}/runs"
+    train_args = ["tiny-moe8", f"data.path={dataset_uri}", f"train.storage={storage}",
+                  "train.run_name=joined", *SMALL, "train.max_steps=4", "train.checkpoint_every=2"]
+    driver = Path(tempfile.mkdtemp(prefix="raymoe-driver-"))
+    # submit's own options after the kind; --wait and --timeout are train's
+    submitted = cluster.raymoe("submit", "train", *train_args, "--wait", "--timeout", "600",
+                               "--address", cluster.job_server, "--working-dir", str(REPO), cwd=driver)
+    assert submitted.returncode == 0, submitted.stderr
+    job = job_id_of(submitted.stdout)
+    jobs = RaymoeJobs(cluster.job_server, token=cluster.token)
+    wait_until(lambda: "waiting" in jobs.logs(job), 240, "the job's first waiting line")
+    assert "0 of 2 workers fit on the cluster's 1 node(s) with 0 CPU" in jobs.logs(job)
+    time.sleep(10)
+    for _ in range(2):
+        cluster.add_worker(WORKER_CPUS, memory_gib=2)
+    assert jobs.wait(job, timeout=600) == "SUCCEEDED", jobs.logs(job)
+    logs = jobs.logs(job)
+    assert "the cluster fits the worker group after" in logs and "finished at step 4" in logs
+
+    # A second driver, in a directory of its own, resumes the run from S3 alone.
+    shutil.rmtree(driver)
+    driver = Path(tempfile.mkdtemp(prefix="raymoe-driver-"))
+    resumed = cluster.raymoe("train", *train_args[:-2], "train.max_steps=6", "train.checkpoint_every=2",
+                             "--address", cluster.address, cwd=driver)
+    shutil.rmtree(driver)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert re.search(r"resumed from \S+ at step 4 \(1,024 tokens\)", resumed.stdout + resumed.stderr), \
+        resumed.stdout + resumed.stderr
+    assert "finished at step 6" in resumed.stdout
+
+    metrics = [json.loads(line) for line in s3["read"]("runs/joined/metrics/metrics.jsonl").splitlines()]
+    assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
+    assert [m["step"] for m in metrics if "val_loss" in m] == [2, 4, 6]
+    files = s3["list"]("runs/joined")
+    events = [f for f in files if f.startswith("metrics/tensorboard/events.out.tfevents")]
+    assert len(events) == 2, files  # one per driver run, both in the run's storage
+    for step in (4, 6):  # keep_checkpoints=3 keeps both
+        manifest = json.loads(s3["read"](f"runs/joined/step-{step:08d}/manifest.json"))
+        assert manifest["extra"]["step"] == step and manifest["world_size"] == 2
+
+
+def test_a_fixed_cluster_too_small_fails_at_once_with_the_numbers(cluster, dataset_uri, tmp_path):
+    if len(cluster.workers) < 2:
+        pytest.skip("runs after the worker nodes have joined")
+    start = time.monotonic()
+    out = cluster.raymoe("train", "tiny-moe8", f"data.path={dataset_uri}", *SMALL,
+                         "parallel.num_workers=4", "train.global_batch=16", "--address",
+                         cluster.address, cwd=tmp_path)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert out.stderr.strip().splitlines()[-1] == (
+        "raymoe: ClusterTooSmallError: the worker group needs 8 CPU (4 workers x 2 CPU); 2 of 4 "
+        "workers fit on the cluster's 3 node(s) with 6 CPU (the cluster has no autoscaler to "
+        "grow it). Lower parallel.num_workers or parallel.cpus_per_worker, or pass --wait to "
+        "wait for nodes to join")
+    assert time.monotonic() - start < 120
+
+
+def test_a_study_submitted_as_a_job_writes_every_artefact_to_s3(cluster, s3, dataset_uri):
+    if len(cluster.workers) < 2:
+        for _ in range(2 - len(cluster.workers)):
+            cluster.add_worker(WORKER_CPUS, memory_gib=2)
+    driver = Path(tempfile.mkdtemp(prefix="raymoe-driver-"))
+    study_file = driver / "study.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "name": "mini", "storage": f"{s3['uri']}/studies", "data": dataset_uri, "tokens": 2048,
+        "seeds": [1], "overrides": SMALL[:-2] + ["train.eval_every=4", "parallel.num_workers=2",
+                                                  "parallel.cpus_per_worker=2"],
+        "models": [{"name": "dense", "config": "tiny"}, {"name": "moe", "config": "tiny-moe8"},
+                   {"name": "broken", "config": "tiny", "overrides": ["model.n_head=5"]}],
+        "eval": {"tasks": ["lambada", "piqa"], "data_dir": str(REPO / "raymoe" / "sample" / "eval"),
+                 "limit": 4},
+    }))
+    submitted = cluster.raymoe("submit", "compare", str(study_file), "--address", cluster.job_server,
+                               "--working-dir", str(REPO), cwd=driver)
+    assert submitted.returncode == 0, submitted.stderr
+    job = job_id_of(submitted.stdout)
+    jobs = RaymoeJobs(cluster.job_server, token=cluster.token)
+    status = jobs.wait(job, timeout=900)
+    logs = jobs.logs(job)
+    shutil.rmtree(driver)
+    assert status == "SUCCEEDED", logs
+
+    # The evaluation ran one actor per worker node, holding all of the node's CPUs.
+    actors = subprocess.run([str(BIN / "ray"), "list", "actors", "--address", cluster.job_server,
+                             "--filter", "class_name=EvalWorker", "--detail", "--format", "json",
+                             "--limit", "100"], env=cluster.env(), capture_output=True, text=True,
+                            timeout=120)
+    assert actors.returncode == 0, actors.stderr
+    per_trial = json.loads(actors.stdout)
+    assert len(per_trial) == 4  # 2 evaluated trials x 2 nodes
+    assert {a["required_resources"]["CPU"] for a in per_trial} == {WORKER_CPUS}
+    assert len({a["node_id"] for a in per_trial}) == 2
+
+    study = "studies/mini"
+    report = s3["read"](f"{study}/report.md").decode()
+    rows = [line.split(" | ")[0] for line in report.split("## Zero-shot")[0].splitlines()
+            if line.startswith("| ") and not line.startswith("| model")]
+    assert rows == ["| dense", "| moe", "| broken"]
+    assert re.search(r"broken-seed1: ConfigError: .*5 heads do not divide model.d_model=32", report)
+    assert "|  | dense | moe | broken |" in report and "| LAMBADA (acc) |" in report
+    curves = list(csv.DictReader(io.StringIO(s3["read"](f"{study}/validation_curves.csv").decode())))
+    assert {(r["trial"], int(r["tokens"])) for r in curves} == {
+        (t, n) for t in ("dense-seed1", "moe-seed1") for n in (1024, 2048)}
+    assert s3["read"](f"{study}/validation_loss.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    trials = json.loads(s3["read"](f"{study}/trials.json"))
+    assert [t["error"] == "" for t in trials] == [True, True, False]
+    for trial in ("dense-seed1", "moe-seed1"):
+        results = json.loads(s3["read"](f"{study}/eval/{trial}.json"))
+        assert results["checkpoint"] == f"{s3['uri']}/studies/mini/{trial}/step-00000008"
+        assert {(r["task"], r["n"]) for r in results["results"] if r["metric"] == "acc"} == {
+            ("lambada", 4), ("piqa", 4)}
+        files = s3["list"](f"{study}/{trial}")
+        assert "metrics/metrics.jsonl" in files and "step-00000008/manifest.json" in files
+        assert any(f.startswith("metrics/tensorboard/events.out.tfevents") for f in files)
+    tune_state = s3["list"]("studies/.tune/mini-tune")
+    assert any(f.startswith("experiment_state") for f in tune_state), tune_state
