@@ -202,7 +202,8 @@ def test_a_study_submitted_as_a_job_writes_every_artefact_to_s3(cluster, s3, dat
     rows = [line.split(" | ")[0] for line in report.split("## Zero-shot")[0].splitlines()
             if line.startswith("| ") and not line.startswith("| model")]
     assert rows == ["| dense", "| moe", "| broken"]
-    assert re.search(r"broken-seed1: ConfigError: .*5 heads do not divide model.d_model=32", report)
+    assert "failed: broken-seed1: ConfigError: model.n_head: 5 heads do not divide model.d_model=32 |" \
+        in report
     assert "|  | dense | moe | broken |" in report and "| LAMBADA (acc) |" in report
     curves = list(csv.DictReader(io.StringIO(s3["read"](f"{study}/validation_curves.csv").decode())))
     assert {(r["trial"], int(r["tokens"])) for r in curves} == {
