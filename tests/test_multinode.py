@@ -97,17 +97,33 @@ def dataset_uri(s3, tmp_path_factory) -> str:
     return uri
 
 
+@pytest.fixture
+def new_driver_dir():
+    """new_driver_dir() -> a fresh directory for a driver to run from; the test deletes it
+    before its checks, and any left (a failed test) go at teardown."""
+    made: list[Path] = []
+
+    def make() -> Path:
+        made.append(Path(tempfile.mkdtemp(prefix="raymoe-driver-")))
+        return made[-1]
+
+    yield make
+    for directory in made:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def job_id_of(output: str) -> str:
     found = re.search(r"submitted \w+ job (raysubmit_\w+)", output)
     assert found, output
     return found.group(1)
 
 
-def test_a_job_waits_for_nodes_then_trains_and_a_new_driver_resumes_from_s3(cluster, s3, dataset_uri):
+def test_a_job_waits_for_nodes_then_trains_and_a_new_driver_resumes_from_s3(cluster, s3, dataset_uri,
+                                                                            new_driver_dir):
     storage = f"{s3['uri']}/runs"
     train_args = ["tiny-moe8", f"data.path={dataset_uri}", f"train.storage={storage}",
                   "train.run_name=joined", *SMALL, "train.max_steps=4", "train.checkpoint_every=2"]
-    driver = Path(tempfile.mkdtemp(prefix="raymoe-driver-"))
+    driver = new_driver_dir()
     # submit's own options after the kind; --wait and --timeout are train's
     submitted = cluster.raymoe("submit", "train", *train_args, "--wait", "--timeout", "600",
                                "--address", cluster.job_server, "--working-dir", str(REPO), cwd=driver)
@@ -125,7 +141,7 @@ def test_a_job_waits_for_nodes_then_trains_and_a_new_driver_resumes_from_s3(clus
 
     # A second driver, in a directory of its own, resumes the run from S3 alone.
     shutil.rmtree(driver)
-    driver = Path(tempfile.mkdtemp(prefix="raymoe-driver-"))
+    driver = new_driver_dir()
     resumed = cluster.raymoe("train", *train_args[:-2], "train.max_steps=6", "train.checkpoint_every=2",
                              "--address", cluster.address, cwd=driver)
     shutil.rmtree(driver)
@@ -161,11 +177,11 @@ def test_a_fixed_cluster_too_small_fails_at_once_with_the_numbers(cluster, datas
     assert time.monotonic() - start < 120
 
 
-def test_a_study_submitted_as_a_job_writes_every_artefact_to_s3(cluster, s3, dataset_uri):
+def test_a_study_submitted_as_a_job_writes_every_artefact_to_s3(cluster, s3, dataset_uri, new_driver_dir):
     if len(cluster.workers) < 2:
         for _ in range(2 - len(cluster.workers)):
             cluster.add_worker(WORKER_CPUS, memory_gib=2)
-    driver = Path(tempfile.mkdtemp(prefix="raymoe-driver-"))
+    driver = new_driver_dir()
     study_file = driver / "study.yaml"
     study_file.write_text(yaml.safe_dump({
         "name": "mini", "storage": f"{s3['uri']}/studies", "data": dataset_uri, "tokens": 2048,
