@@ -43,4 +43,7 @@ def find_cause(err: BaseException, kind: type[E] | tuple[type[E], ...]) -> E | N
     """The first exception of ``kind`` among the causes Ray builds around a task's or a
     worker group's error (RayTaskError.cause, UserCodeException, worker_failures,
     __cause__), or None."""
-    return next((c for c in _causes(err) if isinstance(c, kind)), None)
+    # Ray's dual-class wrapper (a RayTaskError that is also the user's error class, whose
+    # text is the remote traceback) is passed over for the error it wraps.
+    return next((c for c in _causes(err)
+                 if isinstance(c, kind) and not isinstance(getattr(c, "cause", None), kind)), None)

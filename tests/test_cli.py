@@ -78,3 +78,21 @@ def test_the_demo_trains_and_prints_none_of_rays_known_noise(tmp_path):
     assert "finished at step 3" in text and (tmp_path / "sample-bytes" / "manifest.json").is_file()
     for noise in ("Progress bars disabled", "Token authentication is enabled", "max_restarts > 0"):
         assert noise not in text, noise
+
+
+def test_rays_dual_class_wrapper_gives_way_to_the_users_error():
+    """A Ray task's error arrives as RayTaskError(ConfigError): an instance of both, whose
+    text is the remote traceback; the user sees the ConfigError's own line."""
+    from ray.exceptions import RayTaskError
+
+    from raymoe.config import ConfigError
+    from raymoe.errors import RaymoeError, find_cause
+
+    try:
+        load_config("tiny", ["model.n_head=5"])
+    except ConfigError as err:
+        inner = err
+        wrapped = RayTaskError("trial", "Traceback (most recent call last): ...", err).as_instanceof_cause()
+    assert isinstance(wrapped, ConfigError)
+    assert find_cause(wrapped, RaymoeError) is inner
+    assert cli.describe_error(inner) == "config error: model.n_head: 5 heads do not divide model.d_model=128"

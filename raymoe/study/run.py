@@ -28,18 +28,9 @@ def _trial(trial: dict[str, Any]) -> None:
         raise result.error
 
 
-def user_error(err: BaseException) -> RaymoeError | None:
-    """The user's error inside a trial's: Ray's dual-class wrapper (a RayTaskError that is
-    also a ConfigError, whose text is the remote traceback) unwrapped to the error itself."""
-    cause = find_cause(err, RaymoeError)
-    while cause is not None and isinstance(getattr(cause, "cause", None), RaymoeError):
-        cause = cause.cause  # type: ignore[attr-defined]
-    return cause
-
-
 def trial_error(err: BaseException) -> str:
     """A user-fixable error as one line; anything else with its traceback."""
-    cause = user_error(err)
+    cause = find_cause(err, RaymoeError)
     return f"{type(cause).__name__}: {cause}" if cause is not None else str(err)
 
 
@@ -68,7 +59,7 @@ def run_study(study: Study, wait: WaitPolicy = "auto", timeout: float = 1800.0) 
         if result.error is not None:
             name = (result.config or {})["trial"]["name"]
             errors[name] = trial_error(result.error)
-            if user_error(result.error) is None:
+            if find_cause(result.error, RaymoeError) is None:
                 print(f"trial {name} failed:\n{result.error}", file=sys.stderr)
     eval_errors = evaluate_trials(study, skip=set(errors)) if study.eval is not None else {}
     report = build_report(study, errors, eval_errors)
