@@ -91,7 +91,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = f"{tmp}/data"
         prepare(PrepareOptions([str(REPO / "raymoe" / "sample" / "corpus")], data, tokenizer="bytes",
-                               seq_len=128, val_fraction=0.05, doc_chars=8000, docs_per_shard=32),
+                               seq_len=128, val_fraction=0.05, doc_chars=8000,
+                               shard_bytes=256 * 2**10),
                 log=lambda _: None)
         common = [f"data.path={data}", f"train.storage={tmp}", f"train.max_steps={args.steps}",
                   "train.log_every=10", "train.checkpoint_every=1000", "train.eval_every=100000"]

@@ -99,7 +99,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     connect_ray(args.address, num_cpus=4)
     if not (data / MANIFEST).is_file():
         prepare(PrepareOptions([str(SAMPLE_CORPUS)], str(data), tokenizer="bytes", seq_len=128,
-                               val_fraction=0.05, doc_chars=8000, docs_per_shard=32))
+                               val_fraction=0.05, doc_chars=8000, shard_bytes=256 * 2**10))
     overrides = [f"data.path={data}", f"train.storage={args.workdir}",
                  f"train.max_steps={args.steps}", "train.eval_every=100", *args.overrides]
     cfg = load_config(args.config, overrides)
@@ -126,7 +126,8 @@ def cmd_prepare(args: argparse.Namespace) -> None:
     prepare(PrepareOptions(inputs=args.inputs, output=args.out, tokenizer=args.tokenizer,
                            seq_len=args.seq_len, val_fraction=args.val_fraction, seed=args.seed,
                            text_field=args.text_field, doc_chars=args.doc_chars,
-                           docs_per_shard=args.docs_per_shard))
+                           shard_bytes=int(args.shard_mb * 2**20),
+                           row_group_bytes=int(args.row_group_kb * 2**10)))
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
@@ -346,7 +347,10 @@ def build_parser() -> argparse.ArgumentParser:
     prep.add_argument("--text-field", default="text", help="jsonl field / parquet column")
     prep.add_argument("--doc-chars", type=int, default=0,
                       help="cut long texts into documents of about this many characters")
-    prep.add_argument("--docs-per-shard", type=int, default=256)
+    prep.add_argument("--shard-mb", type=float, default=64,
+                      help="target shard size in MiB of tokens (before compression)")
+    prep.add_argument("--row-group-kb", type=float, default=256,
+                      help="row group size in KiB of tokens: the unit a training rank reads")
     prep.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     prep.set_defaults(func=cmd_prepare)
 

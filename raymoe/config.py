@@ -115,11 +115,29 @@ class OptimConfig:
 
 
 @dataclass
+class BlendEntry:
+    path: str = ""
+    """Directory or s3:// prefix of a dataset written by `raymoe prepare`."""
+    weight: float = 1.0
+    """Relative share of every global batch (the weights need not sum to 1)."""
+
+
+@dataclass
 class DataConfig:
     path: str = ""
     """Directory or s3:// prefix of a dataset written by `raymoe prepare`."""
+    blend: list[BlendEntry] = field(default_factory=list)
+    """Instead of path: weighted datasets of one tokenizer and sequence length (Megatron's
+    DATA_BLEND); each global batch holds them in proportion to their weights."""
     seed: int = 1234
-    """Seed of the shard order and the in-shard shuffle."""
+    """Seed of the shard order and the shuffles."""
+    shuffle_window: int = 64
+    """Shards read together and shuffled into each other: a global batch mixes about
+    min(shuffle_window, global batch) shards."""
+
+    def sources(self) -> list[BlendEntry]:
+        """The datasets to train on with their weights (data.path: one of weight 1)."""
+        return list(self.blend) if self.blend else [BlendEntry(self.path, 1.0)]
 
 
 @dataclass
@@ -192,6 +210,12 @@ class Config:
         _require(t.global_batch % (t.micro_batch * par.num_workers) == 0, "train.global_batch",
                  f"{t.global_batch} is not a multiple of train.micro_batch x parallel.num_workers "
                  f"= {t.micro_batch} x {par.num_workers}")
+        d = self.data
+        _require(not (d.path and d.blend), "data.blend", "give data.path or data.blend, not both")
+        for i, entry in enumerate(d.blend):
+            _require(bool(entry.path), f"data.blend[{i}].path", "must name a prepared dataset")
+            _require(entry.weight > 0, f"data.blend[{i}].weight", f"must be > 0, got {entry.weight}")
+        _require(d.shuffle_window >= 1, "data.shuffle_window", "must be >= 1 shard")
         o = self.optim
         _require(o.lr > 0, "optim.lr", "must be > 0")
         _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
@@ -236,6 +260,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as err:
                 errors.append(str(err))
         raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {args}")
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

@@ -119,7 +119,7 @@ def dataset(ray_cluster, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("train-data") / "bytes"
     prepare(PrepareOptions([str(REPO / "raymoe" / "sample" / "corpus")], str(out),
                            tokenizer="bytes", seq_len=32, val_fraction=0.05, doc_chars=8000,
-                           docs_per_shard=16), log=lambda _: None)
+                           shard_bytes=256 * 2**10, row_group_bytes=16 * 2**10), log=lambda _: None)
     return out
 
 

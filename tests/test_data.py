@@ -3,24 +3,30 @@ to ranks, resume exactly from a cursor, and refuse bad input by name."""
 
 from __future__ import annotations
 
+import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
-from conftest import CORPUS, REPO, skip_without_shared_data
+from conftest import CORPUS, needs_shared_data, skip_without_shared_data
 
+from raymoe.config import BlendEntry, ConfigError, DataConfig, load_config
+from raymoe.data.blend import open_blend
+from raymoe.data.plan import Cursor, EpochLayout, Source
 from raymoe.data.prepare import PrepareError, PrepareOptions, is_validation, prepare, read_documents
 from raymoe.data.shards import DatasetError, PreparedDataset
-from raymoe.data.stream import Cursor, SequenceReader
+from raymoe.data.storage import Location
+from raymoe.data.stream import SequenceReader
 from raymoe.data.text import decode_text, strip_gutenberg
 from raymoe.data.tokenizers import gpt2_tokenizer, load_tokenizer, train_tokenizer
 
 BOOKS = [CORPUS / "Dickens_Charles" / "A_Christmas_Carol.txt",
          CORPUS / "Twain_Mark" / "A_Dog_s_Tale.txt",
          CORPUS / "Austen_Jane" / "Lady_Susan.txt"]
+OTHER_BOOKS = [CORPUS / "Shelley_Mary_Wollstonecraft" / "Frankenstein_Or_The_Modern_Prometheus.txt"]
 SEQ_LEN = 64
 
 
@@ -37,7 +43,22 @@ def books_dir(tmp_path_factory) -> Path:
 def split_dataset(ray_cluster, books_dir, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("prepared") / "split"
     prepare(PrepareOptions([str(books_dir)], str(out), tokenizer="gpt2", seq_len=SEQ_LEN,
-                           val_fraction=0.2, doc_chars=4000, docs_per_shard=16), log=lambda _: None)
+                           val_fraction=0.2, doc_chars=4000, shard_bytes=16 * 2**10,
+                           row_group_bytes=2**10), log=lambda _: None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def other_dataset(ray_cluster, tmp_path_factory) -> Path:
+    """Other books, prepared like split_dataset: the second dataset of a blend."""
+    skip_without_shared_data()
+    books = tmp_path_factory.mktemp("other-books")
+    for book in OTHER_BOOKS:
+        (books / book.name).write_bytes(book.read_bytes())
+    out = tmp_path_factory.mktemp("prepared") / "other"
+    prepare(PrepareOptions([str(books)], str(out), tokenizer="gpt2", seq_len=SEQ_LEN,
+                           val_fraction=0.0, shard_bytes=8 * 2**10, row_group_bytes=2**10),
+            log=lambda _: None)
     return out
 
 
@@ -93,84 +114,201 @@ def test_prepare_and_stream_through_the_local_s3_server(ray_cluster, s3_server, 
         with fs.open_output_stream(f"{bucket}/corpus/{book.name}") as f:
             f.write(book.read_bytes())
     prepare(PrepareOptions([f"s3://{bucket}/corpus"], f"s3://{bucket}/prepared", seq_len=SEQ_LEN,
-                           val_fraction=0.2, doc_chars=4000, docs_per_shard=16),
-            log=lambda _: None)
+                           val_fraction=0.2, doc_chars=4000, shard_bytes=16 * 2**10,
+                           row_group_bytes=2**10), log=lambda _: None)
     on_s3 = PreparedDataset.open(f"s3://{bucket}/prepared")
     local = PreparedDataset.open(str(split_dataset))
+
     def total_tokens(dataset: PreparedDataset) -> int:  # splits differ: ids name the source
         return sum(s["tokens"] for s in dataset.manifest["splits"].values())
 
     assert total_tokens(on_s3) == total_tokens(local)
-    assert all(s.path.startswith("train/") for s in on_s3.shards("train"))
-    with SequenceReader(on_s3, "train", 0, 1, seed=3) as reader:
-        streamed = reader.next_batch(on_s3.manifest["splits"]["train"]["sequences"])
+    assert all(str(p).startswith("train/") for p in on_s3.shards("train").paths())
+    total = on_s3.manifest["splits"]["train"]["sequences"]
+    with SequenceReader(on_s3, "train", 0, 1, global_batch=1, seed=3) as reader:
+        streamed = [reader.next_batch(1)[0] for _ in range(total)]  # one lane: nothing left over
     assert sorted(map(bytes, streamed)) == sorted(map(bytes, all_sequences(on_s3, "train")))
 
 
-def read_batches(dataset_uri: str, rank: int, world: int, cursor: Cursor | None, batches: int,
-                 size: int = 4) -> tuple[list[np.ndarray], Cursor]:
-    with SequenceReader(PreparedDataset.open(dataset_uri), "train", rank, world, seed=7,
-                        cursor=cursor) as reader:
-        out = [reader.next_batch(size) for _ in range(batches)]
-        return out, reader.cursor
+def global_batches(datasets: list[PreparedDataset], weights: list[float], world: int, steps: int,
+                   cursor: Cursor | None = None, global_batch: int = 8, window: int = 2,
+                   micro: int = 2) -> tuple[list[np.ndarray], Cursor]:
+    """``steps`` global batches as ``world`` ranks read them (rank order, micro-batches of
+    ``micro``), and the cursor after them."""
+    readers = [SequenceReader(datasets, "train", rank, world, global_batch, seed=7,
+                              weights=weights, cursor=cursor, window=window)
+               for rank in range(world)]
+    try:
+        batches = [np.concatenate([r.next_batch(micro) for r in readers
+                                   for _ in range(global_batch // world // micro)])
+                   for _ in range(steps)]
+        assert len({json.dumps(r.cursor.to_dict()) for r in readers}) == 1
+        return batches, readers[0].cursor
+    finally:
+        for r in readers:
+            r.close()
 
 
-RESUME_SCRIPT = """
-import json, sys, numpy as np, ray
-sys.path[:0] = {paths!r}
-from raymoe.data.stream import Cursor
-from test_data import read_batches
-ray.init(address={address!r}, log_to_driver=False)
-batches, cursor = read_batches({uri!r}, {rank}, {world}, Cursor.from_dict(json.loads({cursor!r})), {n})
-np.save({out!r}, np.stack(batches))
-"""
+def epoch_steps(dataset: PreparedDataset, index: int, lanes: int, window: int, seed: int = 7) -> int:
+    """Steps in epoch 0 of the blend's ``index``-th dataset."""
+    source = Source("x", dataset.shards("train").sequences, dataset.row_group_sequences)
+    return EpochLayout(source, index, lanes, seed, 0, window, True).steps
 
 
-def test_exact_resume_from_a_cursor_in_a_new_driver(ray_cluster, split_dataset, tmp_path):
-    uri = str(split_dataset)
-    for rank in (0, 1):
-        uninterrupted, _ = read_batches(uri, rank, 2, None, 8)
-        _, cursor = read_batches(uri, rank, 2, None, 3)
-        out = tmp_path / f"resumed{rank}.npy"
-        script = RESUME_SCRIPT.format(paths=[str(REPO), str(REPO / "tests")],
-                                      address=ray_cluster.address_info["address"], uri=uri,
-                                      rank=rank, world=2, cursor=json.dumps(cursor.to_dict()),
-                                      n=5, out=str(out))
-        subprocess.run([sys.executable, "-c", script], check=True, timeout=300)
-        assert np.array_equal(np.load(out), np.stack(uninterrupted[3:]))
+def test_blend_resumes_exactly_at_another_world_size(split_dataset, other_dataset):
+    datasets = [PreparedDataset.open(str(split_dataset)), PreparedDataset.open(str(other_dataset))]
+    members = [set(map(bytes, all_sequences(d, "train"))) for d in datasets]
+    first_epoch = epoch_steps(datasets[0], 0, lanes=5, window=2)  # 0.6 of 8 slots
+    steps = first_epoch + 10  # the first dataset starts its second epoch, the other does not
+    uninterrupted, end = global_batches(datasets, [0.6, 0.4], 2, steps)
+    first, cursor = global_batches(datasets, [0.6, 0.4], 2, 7)
+    resumed, resumed_end = global_batches(datasets, [0.6, 0.4], 4, steps - 7,
+                                          Cursor.from_dict(json.loads(json.dumps(cursor.to_dict()))))
+    assert all(np.array_equal(a, b) for a, b in zip(uninterrupted, first + resumed, strict=True))
+    assert resumed_end == end and end.epochs == [1, 0] and end.steps == [10, steps]
+    rows = [bytes(r) for b in uninterrupted for r in b]
+    epoch0 = [r for r in rows if r in members[0]][:first_epoch * 5]
+    assert len(set(epoch0)) == len(epoch0)  # nothing repeated within the epoch
+    windows = -(-len(datasets[0].shards("train")) // 2)
+    assert len(epoch0) >= len(members[0]) - windows * 4  # skipped: < 5 lanes' worth per window
+    of_second = [r for r in rows if r in members[1]]
+    assert len(set(of_second)) == len(of_second) == 3 * steps
 
 
-def test_an_epoch_delivers_every_sequence_once_across_ranks(ray_cluster, split_dataset):
-    dataset = PreparedDataset.open(str(split_dataset))
-    total = dataset.manifest["splits"]["train"]["sequences"]
-    per_rank = total // 2
-    seen = []
-    for rank in (0, 1):
-        with SequenceReader(dataset, "train", rank, 2, seed=7) as reader:
-            seen.extend(map(bytes, reader.next_batch(per_rank)))
-            assert reader.cursor == Cursor(epoch=0, position=2 * per_rank)
-    everything = list(map(bytes, all_sequences(dataset, "train")))
-    assert len(set(seen)) == len(seen) == 2 * per_rank
-    assert set(seen) <= set(everything) and len(set(everything) - set(seen)) == total % 2
+def test_blend_holds_its_weights_and_refuses_what_does_not_fit(split_dataset, other_dataset,
+                                                               dataset):
+    datasets = [PreparedDataset.open(str(split_dataset)), PreparedDataset.open(str(other_dataset))]
+    members = set(map(bytes, all_sequences(datasets[1], "train")))
+    batches, _ = global_batches(datasets, [0.7, 0.3], 2, 10_000 // 64 + 1, global_batch=64,
+                                window=3, micro=4)
+    rows = [bytes(r) for b in batches for r in b][:10_000]
+    share = sum(r in members for r in rows) / len(rows)
+    assert abs(share - 0.3) < 0.02, share
+    with pytest.raises(DatasetError, match="weight 0.01 gives it no slot of a global batch of 8"):
+        SequenceReader(datasets, "train", 0, 1, 8, seed=1, weights=[1.0, 0.01])
+    with pytest.raises(DatasetError, match=r"data.blend: .*bytes has tokenizer 'bytes', .* has 'gpt2'"):
+        open_blend(DataConfig(blend=[BlendEntry(str(split_dataset), 1.0), BlendEntry(str(dataset), 1.0)]))
+    with pytest.raises(ConfigError, match=r"data.blend\[1\].weight: must be > 0"):
+        load_config("tiny", [f"data.blend=[{{path: {split_dataset}}}, {{path: x, weight: 0}}]"])
 
 
-def test_resume_with_another_world_size_repeats_nothing_of_the_epoch(ray_cluster, split_dataset):
-    uri = str(split_dataset)
-    dataset = PreparedDataset.open(uri)
-    total = dataset.manifest["splits"]["train"]["sequences"]
-    seen, cursor = [], None
-    for rank in (0, 1):
-        batches, cursor = read_batches(uri, rank, 2, None, 5)
-        seen.extend(bytes(r) for b in batches for r in b)
-    remaining = total - len(seen)
-    for rank in range(3):
-        with SequenceReader(dataset, "train", rank, 3, seed=7, cursor=cursor) as reader:
-            seen.extend(map(bytes, reader.next_batch(remaining // 3)))
-            assert reader.cursor.epoch == 0
-    assert len(set(seen)) == len(seen) >= total - 3
+class CountingFiles(pafs.FileSystemHandler):
+    """The local filesystem, counting the bytes read from each file and the opens."""
+
+    def __init__(self) -> None:
+        self.local = pafs.LocalFileSystem()
+        self.bytes_read: dict[str, int] = {}
+        self.opens: dict[str, int] = {}
+
+    def _open(self, path: str):
+        self.opens[path] = self.opens.get(path, 0) + 1
+        handler = self
+
+        class Counted(io.FileIO):
+            def read(self, size=-1):
+                data = super().read(size)
+                handler.bytes_read[path] = handler.bytes_read.get(path, 0) + len(data)
+                return data
+
+            def readinto(self, buffer):
+                count = super().readinto(buffer)
+                handler.bytes_read[path] = handler.bytes_read.get(path, 0) + (count or 0)
+                return count
+
+        return pa.PythonFile(Counted(path, "r"), mode="r")
+
+    def open_input_file(self, path):
+        return self._open(path)
+
+    def open_input_stream(self, path):
+        return self._open(path)
+
+    def get_type_name(self):
+        return "counting"
+
+    def equals(self, other):
+        return other is self
+
+    def get_file_info(self, paths):
+        return self.local.get_file_info(paths)
+
+    def get_file_info_selector(self, selector):
+        return self.local.get_file_info(selector)
+
+    def normalize_path(self, path):
+        return path
+
+    def _read_only(self, *args):
+        raise OSError("read-only in this test")
+
+    create_dir = delete_dir = delete_dir_contents = delete_root_dir_contents = _read_only
+    delete_file = move = copy_file = open_output_stream = open_append_stream = _read_only
 
 
-def test_corrupt_shard_and_out_of_range_tokens_are_named(ray_cluster, split_dataset, tmp_path):
+def test_ranks_read_their_share_and_the_manifest_once(dataset):
+    world, batch = 4, 16
+    files = CountingFiles()
+    root = Location(pafs.PyFileSystem(files), str(dataset), str(dataset))
+    datasets = [PreparedDataset.open(root) for _ in range(world)]  # one per rank, as in training
+    assert sum(files.bytes_read.values()) == world * (dataset / "manifest.json").stat().st_size
+    steps = epoch_steps(datasets[0], 0, lanes=batch, window=64, seed=1)
+    per_rank = []
+    for rank, data in enumerate(datasets):
+        before = sum(files.bytes_read.values())
+        reader = SequenceReader(data, "train", rank, world, batch, seed=1)
+        for _ in range(steps - 3):  # reading ahead (2 steps) stays in the epoch
+            reader.next_batch(batch // world)
+        reader.close()
+        per_rank.append(sum(files.bytes_read.values()) - before)
+    shard_bytes = sum((dataset / p).stat().st_size for p in datasets[0].shards("train").paths())
+    index_bytes = (dataset / "index" / "train.parquet").stat().st_size
+    read = sum(per_rank) - world * index_bytes
+    assert read <= 1.2 * shard_bytes, (read, shard_bytes)
+    for rank_read in per_rank:
+        assert 0.7 * shard_bytes / world < rank_read - index_bytes \
+            <= 1.2 * shard_bytes / world, (per_rank, shard_bytes)
+    assert files.opens[str(dataset / "manifest.json")] == world
+    assert files.opens[str(dataset / "index" / "train.parquet")] == world
+
+
+def test_a_global_batch_mixes_the_shards_of_its_window(dataset):
+    data = PreparedDataset.open(str(dataset))
+    table = data.shards("train")
+    shard_of = {bytes(row): i for i in range(len(table)) for row in data.read_shard(table[i])}
+    window, batch = 4, 32
+    plan_layout = EpochLayout(Source("x", table.sequences, data.row_group_sequences), 0, batch, 7, 0,
+                              window, True)
+    batches, _ = global_batches([data], [1.0], 2, plan_layout.steps, global_batch=batch,
+                                window=window, micro=4)
+    for step, rows in enumerate(batches):
+        w = int(np.searchsorted(plan_layout.first_step, step, side="right")) - 1
+        shards = plan_layout.order[w * window:(w + 1) * window]
+        lane_range = plan_layout.window_steps[w]  # a shorter shard can fall between two lanes
+        full = int((table.sequences[shards] >= lane_range).sum())
+        assert len({shard_of[bytes(r)] for r in rows}) >= min(window, full, batch)
+    assert len(table) > window  # more than one window was read
+
+
+@needs_shared_data
+@pytest.mark.slow
+def test_validation_split_keeps_its_tokens(ray_cluster, tmp_path):
+    austen = CORPUS / "Austen_Jane"
+    out = tmp_path / "austen"
+    manifest = prepare(PrepareOptions([str(austen)], str(out), tokenizer="bytes", seq_len=1024,
+                                      val_fraction=0.005, doc_chars=2000), log=lambda _: None)
+    tok = load_tokenizer("bytes")
+    docs = [d for b in sorted(austen.glob("*.txt")) for d in read_documents(str(b), "text", 2000)]
+    chosen = [text for doc_id, text in docs if is_validation(doc_id, 1234, 0.005)]
+    tokens = sum(len(ids) + 1 for ids in tok.encode_batch(chosen))
+    validation = manifest["splits"]["validation"]
+    assert validation["documents"] == len(chosen) >= 5 and validation["tokens"] == tokens
+    kept = validation["sequences"] * 1025
+    assert kept >= 0.95 * tokens and tokens - kept == validation["dropped_tokens"] < 1025
+    data = PreparedDataset.open(str(out))
+    assert len(all_sequences(data, "validation")) == validation["sequences"]
+
+
+def test_corrupt_shard_and_out_of_range_tokens_are_named(split_dataset, tmp_path):
     import shutil
 
     copy = tmp_path / "copy"
@@ -181,11 +319,12 @@ def test_corrupt_shard_and_out_of_range_tokens_are_named(ray_cluster, split_data
     data = bytearray(path.read_bytes())
     data[len(data) // 2] ^= 0xFF
     path.write_bytes(bytes(data))
-    with pytest.raises(DatasetError, match=f"shard .*{shard.path}: checksum does not match"):
+    with pytest.raises(DatasetError, match=f"shard .*{shard.path}: row group \\d+.*checksum does not match"):
         dataset.read_shard(shard)
     with pytest.raises(DatasetError, match="checksum does not match"):
-        with SequenceReader(dataset, "train", 0, 1, seed=0, shuffle=False) as reader:
-            reader.next_batch(dataset.manifest["splits"]["train"]["sequences"])
+        with SequenceReader(dataset, "train", 0, 1, 1, seed=0, shuffle=False) as reader:
+            for _ in range(dataset.manifest["splits"]["train"]["sequences"]):
+                reader.next_batch(1)
     shutil.copyfile(split_dataset / shard.path, path)
     manifest = json.loads((copy / "manifest.json").read_text())
     manifest["vocab_size"] = 100

@@ -1,13 +1,22 @@
 """``raymoe prepare``: raw text -> packed token shards, as a Ray Data pipeline.
 
-files --flat_map--> documents --map_batches--> tokens + split --map_batches--> shards
-(read, decode, strip          (tokenize in parallel; the      (pack each split into
- Gutenberg boilerplate)        split is a seeded hash of the    seq_len + 1 sequences,
-                               document id)                     write one parquet shard)
+files --flat_map--> documents --map_batches--> tokens + split --map_batches--> sequences
+(read, decode, strip          (tokenize in parallel; the       (pack a batch's training
+ Gutenberg boilerplate)        split is a seeded hash of the     documents into seq_len + 1
+                               document id)                      sequences)
+      --map_batches--> shards
+      (write each run of ``shard_sequences`` training sequences as one shard)
 
-Each shard-writing task returns the shard's metadata; the driver collects it and writes
-manifest.json last, after deleting any earlier manifest, so a run that fails half-way
-leaves no dataset that training could read.
+A batch's training documents rarely end on a sequence boundary, and the validation
+documents (0.5% of them) are far fewer than a sequence per batch: packing each batch on its
+own would throw the ends away, most of the validation split with them. So what a batch
+cannot pack (its training tail, its validation documents) goes to the driver, in order,
+and the driver packs each split across batches: only the last partial sequence of a split
+is dropped. The driver carries the validation split and a tail per batch, about 0.5% of the
+tokens; the training shards are written by the tasks.
+
+The driver writes the shard tables and then manifest.json, after deleting any earlier
+manifest, so a run that fails half-way leaves no dataset that training could read.
 """
 
 from __future__ import annotations
@@ -19,18 +28,29 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 
-from raymoe.data.shards import FORMAT, MANIFEST, SPLITS, DatasetError, encode_shard, sha256, token_dtype
-from raymoe.data.storage import StorageError, locate
+from raymoe.data.shards import (
+    FORMAT,
+    MANIFEST,
+    SPLITS,
+    DatasetError,
+    ShardInfo,
+    ShardTable,
+    index_path,
+    token_dtype,
+    write_shard,
+)
+from raymoe.data.storage import Location, StorageError, locate
 from raymoe.data.text import decode_text, strip_gutenberg
 from raymoe.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_from_json
 from raymoe.errors import RaymoeError, find_cause
 
 INPUT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+PACK_DOCUMENTS = 256
+"""Documents a task packs together; what does not fill a sequence goes to the driver."""
 
 
 class PrepareError(RaymoeError, ValueError):
@@ -49,7 +69,11 @@ class PrepareOptions:
     doc_chars: int = 0
     """Split long texts into documents of about this many characters at paragraph breaks
     (0: one document per text). Small corpora need it for a document-level validation split."""
-    docs_per_shard: int = 256
+    shard_bytes: int = 64 * 2**20
+    """Target shard size: this many bytes of tokens (before compression) per shard."""
+    row_group_bytes: int = 256 * 2**10
+    """Bytes of tokens per row group, the unit a reader fetches: small enough that a rank
+    reads little it does not train on, large enough to be one efficient S3 request."""
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -172,27 +196,89 @@ def _tokenize_stage(batch: dict[str, np.ndarray], spec: str, json_text: str | No
     return {"doc_id": batch["doc_id"], "split": np.array(splits), "tokens": tokens}
 
 
-def _pack_stage(batch: dict[str, np.ndarray], root: str, seq_len: int, dtype: str) -> dict[str, Any]:
-    """Pack each split of this batch of documents into sequences and write one shard each."""
-    rows: dict[str, list] = {k: [] for k in ("split", "path", "sequences", "sha256", "documents",
-                                              "tokens", "dropped_tokens")}
+def _pack_stage(batch: dict[str, np.ndarray], seq_len: int, dtype: str) -> dict[str, Any]:
+    """Full training sequences of this batch as rows, plus one row per split for the driver:
+    the training tail, or the validation documents, with the split's counts."""
+    rows: dict[str, list] = {k: [] for k in ("kind", "split", "tokens", "documents", "token_count")}
+
+    def add(kind: str, split: str, tokens: np.ndarray, documents: int = 0, count: int = 0) -> None:
+        for key, value in (("kind", kind), ("split", split), ("tokens", tokens.astype(dtype)),
+                           ("documents", documents), ("token_count", count)):
+            rows[key].append(value)
+
     for split in SPLITS:
-        chosen = [i for i, s in enumerate(batch["split"]) if s == split]
+        chosen = [np.asarray(batch["tokens"][i]) for i, s in enumerate(batch["split"]) if s == split]
         if not chosen:
             continue
-        stream = np.concatenate([np.asarray(batch["tokens"][i]) for i in chosen])
-        count = len(stream) // (seq_len + 1)
-        sequences = stream[:count * (seq_len + 1)].reshape(count, seq_len + 1).astype(dtype)
-        digest = hashlib.sha1("\n".join(str(batch["doc_id"][i]) for i in chosen).encode())
-        path = str(PurePosixPath(split) / f"{digest.hexdigest()[:20]}.parquet")
-        data = encode_shard(sequences)
-        if count:
-            locate(root).join(*path.split("/")).write_bytes(data)
-        for key, value in (("split", split), ("path", path), ("sequences", count),
-                           ("sha256", sha256(data)), ("documents", len(chosen)),
-                           ("tokens", len(stream)), ("dropped_tokens", len(stream) - count * (seq_len + 1))):
+        stream = np.concatenate(chosen)
+        full = len(stream) // (seq_len + 1) * (seq_len + 1) if split == "train" else 0
+        for sequence in stream[:full].reshape(-1, seq_len + 1):
+            add("sequence", split, sequence)
+        add("leftover", split, stream[full:], len(chosen), len(stream))
+    return {k: _column(v) for k, v in rows.items()}
+
+
+def _write_stage(batch: dict[str, np.ndarray], root: str, row_group_sequences: int) -> dict[str, Any]:
+    """Write this batch's training sequences as one shard; pass the leftovers through."""
+    rows: dict[str, list] = {k: [] for k in ("kind", "split", "tokens", "documents", "token_count",
+                                              "path", "sequences", "checksum")}
+
+    def add(kind: str, split: str, tokens: np.ndarray, documents: int, count: int,
+            shard: ShardInfo | None = None) -> None:
+        values = (kind, split, tokens, documents, count, shard.path if shard else "",
+                  shard.sequences if shard else 0, shard.checksum if shard else "")
+        for key, value in zip(rows, values, strict=True):
             rows[key].append(value)
-    return {k: np.array(v) for k, v in rows.items()}
+
+    kinds, tokens = batch["kind"], list(batch["tokens"])
+    sequences = [t for k, t in zip(kinds, tokens, strict=True) if k == "sequence"]
+    if sequences:
+        shard = write_shard(locate(root), "train", np.stack(sequences), row_group_sequences)
+        add("shard", "train", tokens[0][:0], 0, 0, shard)
+    for i in np.flatnonzero(kinds == "leftover"):
+        add("leftover", str(batch["split"][i]), tokens[i], int(batch["documents"][i]),
+            int(batch["token_count"][i]))
+    return {k: _column(v) for k, v in rows.items()}
+
+
+def _column(values: list) -> np.ndarray:
+    """A batch column; token arrays of different lengths as an object array."""
+    if values and isinstance(values[0], np.ndarray):
+        column = np.empty(len(values), dtype=object)
+        column[:] = values
+        return column
+    return np.array(values)
+
+
+class SplitPacker:
+    """Packs one split's token stream, as it arrives, into shards of ``shard_sequences``."""
+
+    def __init__(self, root: Location, split: str, seq_len: int, shard_sequences: int,
+                 row_group_sequences: int):
+        self.root, self.split, self.width = root, split, seq_len + 1
+        self.shard_sequences, self.row_group_sequences = shard_sequences, row_group_sequences
+        self.pending: list[np.ndarray] = []
+        self.pending_tokens = 0
+        self.shards: list[ShardInfo] = []
+
+    def add(self, tokens: np.ndarray) -> None:
+        self.pending.append(tokens)
+        self.pending_tokens += len(tokens)
+        if self.pending_tokens >= self.shard_sequences * self.width:
+            self._write(self.shard_sequences)
+
+    def finish(self) -> int:
+        """Write what is left as a last shard; returns the tokens dropped (< seq_len + 1)."""
+        self._write(self.pending_tokens // self.width)
+        return self.pending_tokens
+
+    def _write(self, count: int) -> None:
+        stream = np.concatenate(self.pending) if self.pending else np.zeros(0)
+        if count:
+            sequences = stream[:count * self.width].reshape(count, self.width)
+            self.shards.append(write_shard(self.root, self.split, sequences, self.row_group_sequences))
+        self.pending = [stream[count * self.width:]]
+        self.pending_tokens = len(self.pending[0])
 
 
 # ---------------------------------------------------------------------------- driver
@@ -204,11 +290,15 @@ def prepare(options: PrepareOptions, log: Callable[[str], None] = print) -> dict
 
     if options.seq_len < 1:
         raise PrepareError(f"seq_len={options.seq_len}: must be >= 1")
+    for key in ("shard_bytes", "row_group_bytes"):
+        if getattr(options, key) < 1:
+            raise PrepareError(f"{key}={getattr(options, key)}: must be >= 1")
     if not 0.0 <= options.val_fraction < 1.0:
         raise PrepareError(f"val_fraction={options.val_fraction}: must be in [0, 1)")
     files = list_inputs(options.inputs)
     tokenizer = load_tokenizer(options.tokenizer)
-    json_text = None if options.tokenizer in ("gpt2", "bytes") else locate(options.tokenizer).read_bytes().decode()
+    json_text = (None if options.tokenizer in ("gpt2", "bytes")
+                 else locate(options.tokenizer).read_bytes().decode())
     root = locate(options.output)
     manifest_file = root.join(MANIFEST)
     try:
@@ -219,35 +309,51 @@ def prepare(options: PrepareOptions, log: Callable[[str], None] = print) -> dict
     except StorageError as err:
         raise PrepareError(str(err)) from err
     dtype = token_dtype(tokenizer.vocab_size)
+    width = options.seq_len + 1
+    shard_sequences = max(1, options.shard_bytes // (width * dtype.itemsize))
+    row_group_sequences = max(1, min(shard_sequences, options.row_group_bytes // (width * dtype.itemsize)))
 
-    ray.data.DataContext.get_current().raise_original_map_exception = True  # keep our errors
+    ctx = ray.data.DataContext.get_current()
+    ctx.raise_original_map_exception = True  # keep our errors
+    ctx.execution_options.preserve_order = True  # leftovers arrive in a reproducible order
     ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=min(len(files), 256))
     ds = ds.flat_map(_documents_stage, fn_kwargs={"text_field": options.text_field,
                                                   "doc_chars": options.doc_chars})
     ds = ds.map_batches(_tokenize_stage, batch_size=4, batch_format="numpy",
                         fn_kwargs={"spec": tokenizer.spec, "json_text": json_text,
                                    "seed": options.seed, "val_fraction": options.val_fraction})
-    ds = ds.map_batches(_pack_stage, batch_size=options.docs_per_shard, batch_format="numpy",
-                        fn_kwargs={"root": options.output, "seq_len": options.seq_len,
-                                   "dtype": dtype.name})
-    totals = {split: {"documents": 0, "tokens": 0, "sequences": 0, "dropped_tokens": 0,
-                      "shards": []} for split in SPLITS}
+    ds = ds.map_batches(_pack_stage, batch_size=PACK_DOCUMENTS, batch_format="numpy",
+                        fn_kwargs={"seq_len": options.seq_len, "dtype": dtype.name})
+    ds = ds.map_batches(_write_stage, batch_size=shard_sequences, batch_format="numpy",
+                        fn_kwargs={"root": options.output, "row_group_sequences": row_group_sequences})
+    totals = {split: {"documents": 0, "tokens": 0, "sequences": 0, "dropped_tokens": 0}
+              for split in SPLITS}
+    packers = {split: SplitPacker(root, split, options.seq_len, shard_sequences, row_group_sequences)
+               for split in SPLITS}
+    shards: dict[str, list[ShardInfo]] = {split: [] for split in SPLITS}
     started = time.monotonic()
     try:
         for row in ds.iter_rows():
-            split = totals[str(row["split"])]
-            for key in ("documents", "tokens", "sequences", "dropped_tokens"):
-                split[key] += int(row[key])
-            if int(row["sequences"]):
-                split["shards"].append({"path": str(row["path"]), "sequences": int(row["sequences"]),
-                                        "sha256": str(row["sha256"])})
+            split = str(row["split"])
+            if row["kind"] == "shard":
+                shards[split].append(ShardInfo(str(row["path"]), int(row["sequences"]),
+                                               str(row["checksum"])))
+                continue
+            totals[split]["documents"] += int(row["documents"])
+            totals[split]["tokens"] += int(row["token_count"])
+            packers[split].add(np.asarray(row["tokens"]))
             _progress(totals, started)
+        for split, packer in packers.items():
+            totals[split]["dropped_tokens"] = packer.finish()
+            shards[split] += packer.shards
     except Exception as err:  # a task's error arrives wrapped by Ray: keep its message
         cause = find_cause(err, (PrepareError, StorageError, DatasetError)) or err
         raise PrepareError(f"prepare failed, no manifest written: {cause}") from err
     sys.stderr.write("\n")
-    for split in totals.values():
-        split["shards"].sort(key=lambda s: s["path"])
+    for split, listing in shards.items():
+        listing.sort(key=lambda s: s.path)
+        totals[split].update(sequences=sum(s.sequences for s in listing), shards=len(listing))
+        root.join(*index_path(split).split("/")).write_bytes(ShardTable.of(split, listing).encode())
     if not totals["train"]["sequences"]:
         raise PrepareError(f"no training sequence of {options.seq_len + 1} tokens could be packed "
                            f"from {len(files)} files; no manifest written")
@@ -255,12 +361,12 @@ def prepare(options: PrepareOptions, log: Callable[[str], None] = print) -> dict
                 "vocab_size": tokenizer.vocab_size, "eot_id": tokenizer.eot_id,
                 "seq_len": options.seq_len, "dtype": dtype.name, "seed": options.seed,
                 "val_fraction": options.val_fraction, "doc_chars": options.doc_chars,
-                "inputs": list(options.inputs),
+                "row_group_sequences": row_group_sequences, "inputs": list(options.inputs),
                 "splits": totals, **options.extra}
     manifest_file.write_bytes(json.dumps(manifest, indent=1).encode())
-    for name, split in totals.items():
-        log(f"{name}: {split['documents']:,} documents, {split['tokens']:,} tokens, "
-            f"{split['sequences']:,} sequences in {len(split['shards'])} shards")
+    for name, counts in totals.items():
+        log(f"{name}: {counts['documents']:,} documents, {counts['tokens']:,} tokens, "
+            f"{counts['sequences']:,} sequences in {counts['shards']} shards")
     log(f"wrote {root.join(MANIFEST).uri}")
     return manifest
 

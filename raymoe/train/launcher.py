@@ -25,7 +25,7 @@ from ray.train import (
 )
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from raymoe.config import Config, config_from_dict
+from raymoe.config import Config, DataConfig, config_from_dict
 from raymoe.data.storage import is_s3, locate
 from raymoe.plan import check_fits, device_hardware
 from raymoe.runs import absolute, run_location
@@ -90,13 +90,18 @@ def check_gpu_fits(cfg: Config, device: torch.device) -> None:
     check_fits(cfg, device_hardware(props.name, props.total_memory))
 
 
+def _absolute_data_paths(data: DataConfig) -> DataConfig:
+    """Local dataset paths made absolute: workers do not share the driver's cwd."""
+    return dataclasses.replace(data, path=absolute(data.path) if data.path else "", blend=[
+        dataclasses.replace(e, path=absolute(e.path)) for e in data.blend])
+
+
 def train_on_ray(cfg: Config, wait: WaitPolicy = "auto", timeout: float = 1800.0,
                  callbacks: list | None = None) -> ray.train.Result:
     """Run (or resume: same run name and storage) a training on the connected cluster,
     once the cluster fits its worker group (see raymoe.train.capacity for ``wait``).
     ``callbacks`` go to the RunConfig (a Tune trial passes TuneReportCallback)."""
-    if cfg.data.path:  # workers do not share the driver's cwd
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=absolute(cfg.data.path)))
+    cfg = dataclasses.replace(cfg, data=_absolute_data_paths(cfg.data))
     where = run_location(cfg)
     par = cfg.parallel
     storage = locate(where.storage)

@@ -34,7 +34,7 @@ from raymoe.parallel.checkpoint import (
 from raymoe.runs import complete_checkpoints, latest_checkpoint
 from raymoe.train.metrics import MetricsWriter, StepTimer, step_metrics
 from raymoe.train.optim import build_optimizer, learning_rate, set_learning_rate
-from raymoe.train.preflight import open_training_dataset
+from raymoe.train.preflight import open_training_data
 from raymoe.train.step import train_step
 
 
@@ -95,17 +95,22 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # same dense init on every rank
         self.model = GPT(cfg.model, self.mesh.expert_exchange()).to(device)
         self.optimizer = build_optimizer(self.model, cfg.optim)
-        self.dataset = open_training_dataset(cfg)
+        self.blend = open_training_data(cfg)
+        self.dataset = self.blend.first
         self.tokenizer_json = (self.dataset.root.join(TOKENIZER_FILE).read_bytes()
                                if self.dataset.manifest["tokenizer"] == TOKENIZER_FILE else None)
         """A trained tokenizer, read once, copied into every checkpoint (self-contained)."""
         self.metrics = MetricsWriter(metrics_uri) if metrics_uri is not None and self.rank == 0 else None
         self.step, self.tokens, self.skipped, self.consecutive_nan = 0, 0, 0, 0
         cursor = self._resume()
-        self.reader = SequenceReader(self.dataset, "train", self.rank, self.world,
-                                     seed=cfg.data.seed, cursor=cursor)
+        self.reader = self._reader("train", cfg.train.global_batch, cursor)
 
     # ---------------------------------------------------------------- set-up
+
+    def _reader(self, split: str, global_batch: int, cursor: Cursor | None = None) -> SequenceReader:
+        return SequenceReader(self.blend.datasets, split, self.rank, self.world, global_batch,
+                              seed=self.cfg.data.seed, weights=self.blend.weights, cursor=cursor,
+                              shuffle=split == "train", window=self.cfg.data.shuffle_window)
 
     def _resume(self) -> Cursor | None:
         with self.hooks.latest_checkpoint() as directory:
@@ -222,8 +227,7 @@ class Trainer:
         self.model.eval()
         total = torch.zeros(2, device=self.device)
         try:
-            reader = SequenceReader(self.dataset, "validation", self.rank, self.world,
-                                    seed=self.cfg.data.seed, shuffle=False)
+            reader = self._reader("validation", self.cfg.train.micro_batch * self.world)
         except DatasetError as err:
             if self.rank == 0:
                 self.log(f"no validation: {err}")

@@ -7,27 +7,26 @@ from __future__ import annotations
 from typing import Any
 
 from raymoe.config import Config
-from raymoe.data.shards import DatasetError, PreparedDataset
+from raymoe.data.blend import Blend, open_blend
+from raymoe.data.shards import DatasetError
 from raymoe.parallel.checkpoint import CheckpointError
 
 MODEL_SHAPE_KEYS = ("vocab_size", "pad_vocab_to", "seq_len", "n_layer", "d_model", "n_head", "ffn_mult")
 MOE_SHAPE_KEYS = ("num_experts", "every")
 
 
-def open_training_dataset(cfg: Config) -> PreparedDataset:
-    """The dataset of ``data.path``, checked against the model (sequence length, vocabulary)."""
-    if not cfg.data.path:
-        raise DatasetError("data.path is empty: prepare a dataset with `raymoe prepare` "
-                           "and set data.path to it")
-    dataset = PreparedDataset.open(cfg.data.path)
-    m = cfg.model
+def open_training_data(cfg: Config) -> Blend:
+    """The datasets of ``data.path`` or ``data.blend``, checked against the model (sequence
+    length, vocabulary; a blend's datasets share both)."""
+    blend = open_blend(cfg.data)
+    dataset, m = blend.first, cfg.model
     if dataset.seq_len < m.seq_len:
-        raise DatasetError(f"{cfg.data.path}: sequences of {dataset.seq_len} tokens are "
+        raise DatasetError(f"{dataset.uri}: sequences of {dataset.seq_len} tokens are "
                            f"shorter than model.seq_len={m.seq_len}")
     if dataset.vocab_size > m.vocab_size:
-        raise DatasetError(f"{cfg.data.path}: tokenizer {dataset.manifest['tokenizer']!r} "
+        raise DatasetError(f"{dataset.uri}: tokenizer {dataset.manifest['tokenizer']!r} "
                            f"has {dataset.vocab_size} tokens, model.vocab_size is {m.vocab_size}")
-    return dataset
+    return blend
 
 
 def shape_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
@@ -60,5 +59,5 @@ def check_resume_fits(cfg: Config, run_uri: str) -> None:
 
 
 def preflight(cfg: Config, run_uri: str) -> None:
-    open_training_dataset(cfg)
+    open_training_data(cfg)
     check_resume_fits(cfg, run_uri)
