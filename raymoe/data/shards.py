@@ -207,8 +207,10 @@ class PreparedDataset:
         try:
             data = manifest_file.read_bytes()
         except StorageError as err:
-            raise DatasetError(f"{root.uri}: no readable {MANIFEST}; not a prepared dataset, or "
-                               f"its preparation did not finish ({err})") from err
+            if isinstance(err.__cause__, FileNotFoundError):
+                raise DatasetError(f"{root.uri}: no {MANIFEST}; not a prepared dataset, or its "
+                                   "preparation did not finish") from err
+            raise DatasetError(str(err)) from err
         manifest = json.loads(data)
         if manifest.get("format") != FORMAT:
             raise DatasetError(f"{root.uri}: format {manifest.get('format')!r}, expected {FORMAT!r}"
