@@ -290,7 +290,6 @@ def test_a_global_batch_mixes_the_shards_of_its_window(dataset):
 
 
 @needs_shared_data
-@pytest.mark.slow
 def test_validation_split_keeps_its_tokens(ray_cluster, tmp_path):
     austen = CORPUS / "Austen_Jane"
     out = tmp_path / "austen"
