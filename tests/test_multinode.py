@@ -41,7 +41,7 @@ import sys, ray
 from raymoe.data.prepare import PrepareOptions, prepare
 ray.init(num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[2])
 prepare(PrepareOptions([sys.argv[3]], sys.argv[1], tokenizer="bytes", seq_len=32,
-                       val_fraction=0.05, doc_chars=8000, docs_per_shard=16), log=lambda _: None)
+                       val_fraction=0.05, doc_chars=8000, shard_bytes=256 * 2**10), log=lambda _: None)
 """
 
 
