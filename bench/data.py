@@ -43,8 +43,8 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from raymoe.config import load_config  # noqa: E402
-from raymoe.data.plan import Source, StreamPlan  # noqa: E402
 from raymoe.data.prepare import PrepareOptions, prepare  # noqa: E402
+from raymoe.data.schedule import Source, StreamPlan  # noqa: E402
 from raymoe.data.shards import (  # noqa: E402
     FORMAT,
     MANIFEST,

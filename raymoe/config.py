@@ -92,7 +92,8 @@ class ParallelConfig:
     """Expert-parallel group size: the experts are split over this many ranks."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
-    """Ray CPUs each training worker reserves (below 1 leaves room for Ray Data tasks)."""
+    """Ray CPUs each training worker reserves (a fraction lets workers share a core on a small
+    machine, beside Ray's own actors)."""
     shard: Literal["none", "fsdp"] = "none"
     """fsdp: dense parameters, gradients and AdamW states sharded over the data-parallel
     ranks (FSDP2), experts over their expert-data-parallel group; none: replicated."""

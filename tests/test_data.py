@@ -15,8 +15,8 @@ from conftest import CORPUS, needs_shared_data, skip_without_shared_data
 
 from raymoe.config import BlendEntry, ConfigError, DataConfig, load_config
 from raymoe.data.blend import open_blend
-from raymoe.data.plan import Cursor, EpochLayout, Source
 from raymoe.data.prepare import PrepareError, PrepareOptions, is_validation, prepare, read_documents
+from raymoe.data.schedule import Cursor, EpochLayout, Source
 from raymoe.data.shards import DatasetError, PreparedDataset
 from raymoe.data.storage import Location
 from raymoe.data.stream import SequenceReader

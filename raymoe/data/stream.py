@@ -1,4 +1,4 @@
-"""This rank's sequences of the run's stream (raymoe.data.plan), read in the background.
+"""This rank's sequences of the run's stream (raymoe.data.schedule), read in the background.
 
 A rank reads only the row groups of its own lanes: at W ranks about 1/W of the data, each
 row group fetched once (or twice where two lanes share it), verified against the shard
@@ -27,7 +27,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from raymoe.data.plan import Cursor, Read, Source, StreamPlan
+from raymoe.data.schedule import Cursor, Read, Source, StreamPlan
 from raymoe.data.shards import DatasetError, PreparedDataset, ShardFile
 
 
