@@ -49,6 +49,10 @@ class MoEConfig:
     """Training loss = LM loss + loss_coef * sum of the layers' load-balancing l_aux."""
     z_loss_coef: float = 0.0
     """Router z-loss (ST-MoE); 0 turns it off."""
+    fixed_capacity_exchange: bool = True
+    """With dropping, exchange fixed [experts x capacity, d] buffers: no count exchange,
+    no host sync. False sends only the kept rows, sized by one host read of the counts
+    (fewer bytes at a capacity factor well above 1)."""
 
     @property
     def enabled(self) -> bool:

@@ -1,5 +1,8 @@
 """Data + expert parallelism on real gloo process groups: an N-rank step equals the
-1-process step on the same global batch, at every EP size, with and without dropping."""
+1-process step on the same global batch, at every EP size, with and without dropping;
+with dropping, the fixed-capacity exchange gives the same step as the variable one; and
+the host syncs of a step through the real exchange stay at one per step and micro-batch
+(plus one per MoE layer without dropping)."""
 
 from __future__ import annotations
 
@@ -8,6 +11,7 @@ import torch
 from multiproc import run_distributed
 
 from raymoe.config import load_config
+from raymoe.host_syncs import count_host_syncs
 from raymoe.model import GPT
 from raymoe.parallel import Mesh, MeshLayout
 from raymoe.train.optim import build_optimizer
@@ -16,10 +20,14 @@ from raymoe.train.step import train_step
 GLOBAL_BATCH = 8  # sequences, split evenly over the ranks
 
 
-def tiny_config(drop_tokens: bool):
+MOE_LAYERS = 2
+
+
+def tiny_config(drop_tokens: bool, fixed_exchange: bool = True):
     return load_config("tiny-moe8", [
-        "model.seq_len=16", "model.n_layer=2", "model.d_model=32", "model.moe.every=1",
+        "model.seq_len=16", f"model.n_layer={MOE_LAYERS}", "model.d_model=32", "model.moe.every=1",
         "model.moe.use_rts=false", f"model.moe.drop_tokens={str(drop_tokens).lower()}",
+        f"model.moe.fixed_capacity_exchange={str(fixed_exchange).lower()}",
         "model.moe.min_capacity=1", "optim.lr=1e-2", "optim.grad_clip=0.05"])
 
 
@@ -45,16 +53,19 @@ def local_params(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def one_step_worker(rank: int, world: int, ep_sizes: list[int]) -> dict:
+    """Keys (ep, drop) for the default exchange, (ep, "variable") for dropping with the
+    variable-split exchange."""
     results = {}
     for ep in ep_sizes:
-        for drop in (True, False):
-            cfg = tiny_config(drop)
+        for key, cfg in (((ep, True), tiny_config(True)), ((ep, False), tiny_config(False)),
+                         ((ep, "variable"), tiny_config(True, fixed_exchange=False))):
             mesh = Mesh(ep)
             model, opt = build(cfg, mesh)
-            step = train_step(model, opt, mesh, [shards(global_batch(cfg, 1), world)[rank]],
-                              cfg.optim.grad_clip)
-            results[(ep, drop)] = {"step": step, "params": local_params(model),
-                                   "experts": list(mesh.global_expert_ids(cfg.model.moe.num_experts))}
+            with count_host_syncs(excluding=opt) as synced:
+                step = train_step(model, opt, mesh, [shards(global_batch(cfg, 1), world)[rank]],
+                                  cfg.optim.grad_clip)
+            results[key] = {"step": step, "params": local_params(model), "syncs": synced.total,
+                            "experts": list(mesh.global_expert_ids(cfg.model.moe.num_experts))}
     return results
 
 
@@ -79,11 +90,33 @@ def assert_matches_reference(results: list[dict], ep: int, drop: bool) -> None:
             assert torch.allclose(value, expected, atol=1e-5), (ep, drop, name)
 
 
+def assert_fixed_exchange_equals_variable(results: list[dict], ep: int) -> None:
+    for rank_result in results:
+        fixed, variable = rank_result[(ep, True)], rank_result[(ep, "variable")]
+        assert fixed["step"].loss == pytest.approx(variable["step"].loss, abs=1e-6)
+        assert fixed["step"].grad_norm == pytest.approx(variable["step"].grad_norm, abs=1e-6)
+        assert fixed["step"].dropped_fraction == variable["step"].dropped_fraction
+        assert max(fixed["step"].dropped_fraction) > 0, "the test must drop tokens"
+        for name, value in fixed["params"].items():
+            assert torch.allclose(value, variable["params"][name], rtol=0, atol=1e-6), (ep, name)
+
+
+def assert_syncs(results: list[dict], ep: int) -> None:
+    """One micro-batch: the step's read and the token-id check, plus one read of the
+    exchanged counts per MoE layer where the exchange needs them."""
+    for rank_result in results:
+        assert rank_result[(ep, True)]["syncs"] == 2
+        assert rank_result[(ep, False)]["syncs"] == 2 + MOE_LAYERS
+        assert rank_result[(ep, "variable")]["syncs"] == 2 + MOE_LAYERS
+
+
 def test_world_2_with_ep_2_and_ep_1_equals_one_process(tmp_path):
     results = run_distributed(one_step_worker, 2, tmp_path, [2, 1])
     for ep in (2, 1):
         for drop in (True, False):
             assert_matches_reference(results, ep, drop)
+        assert_fixed_exchange_equals_variable(results, ep)
+        assert_syncs(results, ep)
 
 
 def test_world_4_with_ep_2_and_ep_4_equals_one_process(tmp_path):
@@ -91,6 +124,8 @@ def test_world_4_with_ep_2_and_ep_4_equals_one_process(tmp_path):
     for ep in (2, 4):
         for drop in (True, False):
             assert_matches_reference(results, ep, drop)
+        assert_fixed_exchange_equals_variable(results, ep)
+        assert_syncs(results, ep)
 
 
 def test_mesh_layout_groups():

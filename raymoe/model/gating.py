@@ -4,20 +4,21 @@ DeepSpeed builds one-hot [tokens, experts] masks and a [tokens, experts, capacit
 tensor. Here every decision is a per-token integer (expert, slot) found by sorting, so the
 cost has no experts x capacity term. What is computed (capacity, exp_counts, l_aux, which
 tokens are kept, combine weights) follows deepspeed/moe/sharded_moe.py; the README's "The gate" section states them.
+
+Nothing here waits for the device: counts are scatter-adds into a known number of bins
+(CUDA's bincount reads the input's min and max on the host), and with dropping the
+capacity is a function of shapes. Without dropping every token is kept and no capacity
+is needed here; the dispatch sizes its buffers from the counts it exchanges.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-CapacityReducer = Callable[[int], int]
-"""Maps a rank's local value to the maximum over its expert-parallel group."""
 
 
 @dataclass
@@ -34,7 +35,8 @@ class GateOutput:
     """Load-balancing loss, scalar."""
     exp_counts: Tensor
     """Tokens routed to each expert before dropping, (E,) int64."""
-    capacity: int
+    capacity: int | None
+    """Slots per expert; None without dropping (every token is kept)."""
 
     @property
     def kept(self) -> Tensor:
@@ -47,13 +49,19 @@ def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float,
     return max(math.ceil(num_tokens / num_experts * capacity_factor), min_capacity)
 
 
+def count_per_expert(expert: Tensor, num_bins: int) -> Tensor:
+    """How many entries hold each value in [0, num_bins), int64, without a host sync."""
+    counts = torch.zeros(num_bins, dtype=torch.int64, device=expert.device)
+    return counts.scatter_add_(0, expert.reshape(-1), torch.ones_like(expert).reshape(-1))
+
+
 def position_in_expert(expert: Tensor, num_experts: int) -> Tensor:
     """For each entry, how many earlier entries chose the same expert (stable, by sorting).
 
     Entries with expert == num_experts form an extra bucket, used for "not counted".
     """
     order = torch.argsort(expert, stable=True)
-    counts = torch.bincount(expert, minlength=num_experts + 1)
+    counts = count_per_expert(expert, num_experts + 1)
     starts = torch.cumsum(counts, 0) - counts
     sorted_pos = torch.arange(expert.numel(), device=expert.device) - starts[expert[order]]
     pos = torch.empty_like(sorted_pos)
@@ -61,30 +69,21 @@ def position_in_expert(expert: Tensor, num_experts: int) -> Tensor:
     return pos
 
 
-def _load_balancing_loss(gates: Tensor, expert: Tensor) -> Tensor:
+def _load_balancing_loss(gates: Tensor, first_counts: Tensor) -> Tensor:
     """l_aux = E * sum_e mean_s(gates[:, e]) * fraction of tokens whose first choice is e."""
     num_tokens, num_experts = gates.shape
     me = gates.mean(dim=0)
-    ce = torch.bincount(expert, minlength=num_experts).to(gates.dtype) / num_tokens
+    ce = first_counts.to(gates.dtype) / num_tokens
     return (me * ce).sum() * num_experts
-
-
-def _no_drop_capacity(exp_counts: Tensor, reduce_max: CapacityReducer | None) -> int:
-    capacity = int(exp_counts.max())
-    if reduce_max is not None:
-        capacity = reduce_max(capacity)
-    return capacity
 
 
 def top1_gating(logits: Tensor, capacity_factor: float = 1.0, min_capacity: int = 4,
                 drop_tokens: bool = True, use_rts: bool = True,
                 noisy_gate_policy: str | None = None,
-                reduce_max: CapacityReducer | None = None,
                 generator: torch.Generator | None = None) -> GateOutput:
     """DeepSpeed's top1gating on (S, E) fp32 router logits.
 
     Without RTS an over-full expert keeps its first ``capacity`` tokens in token order.
-    ``reduce_max`` gives drop_tokens=False the maximum over the expert-parallel group.
     """
     num_tokens, num_experts = logits.shape
     gates = F.softmax(logits, dim=1)
@@ -93,14 +92,14 @@ def top1_gating(logits: Tensor, capacity_factor: float = 1.0, min_capacity: int 
         expert = torch.argmax(logits + noise, dim=1)
     else:
         expert = torch.argmax(gates, dim=1)
-    exp_counts = torch.bincount(expert, minlength=num_experts)
-    l_aux = _load_balancing_loss(gates, expert)
+    exp_counts = count_per_expert(expert, num_experts)
+    l_aux = _load_balancing_loss(gates, exp_counts)
+    if not drop_tokens:
+        slot = position_in_expert(expert, num_experts)
+        weight = gates.gather(1, expert[:, None]).squeeze(1)
+        return GateOutput(expert, slot, weight, l_aux, exp_counts, None)
 
-    if drop_tokens:
-        capacity = expert_capacity(num_tokens, num_experts, capacity_factor, min_capacity)
-    else:
-        capacity = min(_no_drop_capacity(exp_counts, reduce_max), num_tokens)
-
+    capacity = expert_capacity(num_tokens, num_experts, capacity_factor, min_capacity)
     if use_rts:
         # Each token's rank among its expert's tokens by a uniform score; the top
         # `capacity` survive (DeepSpeed: topk over mask * uniform).
@@ -121,7 +120,6 @@ def top1_gating(logits: Tensor, capacity_factor: float = 1.0, min_capacity: int 
 
 def top2_gating(logits: Tensor, capacity_factor: float = 1.0, min_capacity: int = 4,
                 drop_tokens: bool = True, second_expert_sampling: bool = True,
-                reduce_max: CapacityReducer | None = None,
                 generator: torch.Generator | None = None) -> GateOutput:
     """DeepSpeed's top2gating: outputs have shape (S, 2); first choices fill slots first."""
     num_tokens, num_experts = logits.shape
@@ -133,20 +131,20 @@ def top2_gating(logits: Tensor, capacity_factor: float = 1.0, min_capacity: int 
     second_logits = second_logits.scatter(1, first[:, None], float("-inf"))
     second = torch.argmax(second_logits, dim=1)
 
-    first_counts = torch.bincount(first, minlength=num_experts)
-    exp_counts = first_counts + torch.bincount(second, minlength=num_experts)
-    l_aux = _load_balancing_loss(gates, first)
+    first_counts = count_per_expert(first, num_experts)
+    exp_counts = first_counts + count_per_expert(second, num_experts)
+    l_aux = _load_balancing_loss(gates, first_counts)
     slot1 = position_in_expert(first, num_experts)
     slot2 = position_in_expert(second, num_experts) + first_counts[second]
-    if drop_tokens:
-        capacity = expert_capacity(num_tokens, num_experts, 2 * capacity_factor, min_capacity)
-    else:
-        capacity = _no_drop_capacity(exp_counts, reduce_max)
     expert = torch.stack([first, second], dim=1)
     slot = torch.stack([slot1, slot2], dim=1)
-    kept = slot < capacity
-    slot = torch.where(kept, slot, -1)
-    weight = gates.gather(1, expert) * kept
+    weight = gates.gather(1, expert)
+    capacity = None
+    if drop_tokens:
+        capacity = expert_capacity(num_tokens, num_experts, 2 * capacity_factor, min_capacity)
+        kept = slot < capacity
+        slot = torch.where(kept, slot, -1)
+        weight = weight * kept
     denom = weight.sum(dim=1, keepdim=True).clamp(min=torch.finfo(weight.dtype).eps)
     return GateOutput(expert, slot, weight / denom, l_aux, exp_counts, capacity)
 

@@ -144,11 +144,11 @@ class GPT(nn.Module):
         """``cache``: attend to its keys and values too, store this call's, and advance it
         (incremental decoding; its left padding is masked and not counted in positions).
         ``keep_last``: logits of the last positions only (the rest are not computed)."""
-        x, stats = self.features(idx, cache)
+        check_token_ids(self.cfg.vocab_size, input=idx, **({} if targets is None else {"target": targets}))
+        x, stats = self._features(idx, cache)
         logits = self.head(x if keep_last is None else x[:, -keep_last:])
         if targets is None:
             return GPTOutput(logits=logits, moe_stats=stats)
-        check_token_ids(targets, self.cfg.vocab_size, "target")
         lm_loss = F.cross_entropy(logits.float().view(-1, logits.shape[-1]), targets.reshape(-1))
         zero = lm_loss.new_zeros(())
         l_aux = sum((s.l_aux for s in stats), zero)
@@ -159,12 +159,15 @@ class GPT(nn.Module):
 
     def features(self, idx: Tensor, cache: KVCache | None = None) -> tuple[Tensor, list[MoEStats]]:
         """The final (normalised) hidden states, before the output embedding."""
+        check_token_ids(self.cfg.vocab_size, input=idx)
+        return self._features(idx, cache)
+
+    def _features(self, idx: Tensor, cache: KVCache | None) -> tuple[Tensor, list[MoEStats]]:
         seq = idx.shape[1]
         positions = torch.arange(seq, device=idx.device) if cache is None else cache.positions(seq)
         longest = seq if cache is None else cache.longest(seq)  # a cache's padding is no position
         if longest > self.cfg.seq_len:
             raise ValueError(f"sequence of {longest} tokens exceeds model.seq_len={self.cfg.seq_len}")
-        check_token_ids(idx, self.cfg.vocab_size, "input")
         mask = cache.attention_mask(seq) if cache is not None else None
         x = self.drop(self.wte(idx) + self.wpe(positions))
         stats: list[MoEStats] = []
@@ -213,11 +216,17 @@ def _normal_per_expert(param: Tensor, global_ids: range, base_seed: int, std: fl
         param[local].normal_(0.0, std, generator=generator)
 
 
-def check_token_ids(ids: Tensor, vocab_size: int, what: str) -> None:
-    """Raise a clear error for ids outside [0, vocab_size) instead of a CUDA assert."""
-    if ids.numel() == 0 or ids.device.type == "meta":
+def check_token_ids(vocab_size: int, **ids: Tensor) -> None:
+    """Raise a clear error for ids outside [0, vocab_size) instead of a CUDA assert.
+
+    Keyword names say what the ids are ("input", "target"); all are read on the host in
+    one copy (each read waits for the GPU).
+    """
+    named = {what: t for what, t in ids.items() if t.numel() and t.device.type != "meta"}
+    if not named:
         return
-    low, high = (int(v) for v in torch.aminmax(ids))
-    if low < 0 or high >= vocab_size:
-        bad = high if high >= vocab_size else low
-        raise ValueError(f"{what} token id {bad} is outside the vocabulary [0, {vocab_size})")
+    bounds = torch.stack([b for t in named.values() for b in torch.aminmax(t)]).tolist()
+    for what, low, high in zip(named, bounds[0::2], bounds[1::2], strict=True):
+        if low < 0 or high >= vocab_size:
+            bad = high if high >= vocab_size else low
+            raise ValueError(f"{what} token id {bad} is outside the vocabulary [0, {vocab_size})")

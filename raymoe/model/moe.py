@@ -1,10 +1,10 @@
 """The Mixture-of-Experts feed-forward layer: router, index-based dispatch, batched experts.
 
 Tokens are never expanded into a [tokens, experts, capacity] tensor. After gating, the kept
-(token, expert) assignments are sorted by expert, exchanged with the ranks that own those
-experts (an identity with one rank), packed into an [local experts, C, d] buffer by index
-and run through all local experts as one batched matrix product; results travel back the
-same way and are added to their tokens scaled by the combine weight.
+(token, expert) assignments travel to the ranks that own those experts (an identity with
+one rank), are packed into an [local experts, C, d] buffer by index and run through all
+local experts as one batched matrix product; results travel back the same way and are
+added to their tokens scaled by the combine weight (raymoe.model.dispatch).
 
 The layer knows nothing about process groups: it talks to an ``ExpertExchange``. With
 ``LocalExchange`` one process holds every expert; raymoe.parallel provides the
@@ -14,17 +14,16 @@ expert-parallel exchange over torch.distributed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raymoe.config import MoEConfig
+from raymoe.model.dispatch import ExpertExchange, LocalExchange, dispatch_fixed, dispatch_variable
 from raymoe.model.gating import (
     GateOutput,
     expert_capacity,
-    position_in_expert,
     router_z_loss,
     top1_gating,
     top2_gating,
@@ -39,38 +38,6 @@ def is_expert_parameter(name: str) -> bool:
     return ".experts." in name
 
 
-class ExpertExchange(Protocol):
-    """How an MoE layer reaches the experts of its expert-parallel group."""
-
-    ep_size: int
-    ep_rank: int
-
-    def all_to_all(self, x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
-        """Differentiable: rows [sum(send_counts[:r]), ...) go to rank r of the group."""
-
-    def exchange_counts(self, counts: Tensor) -> Tensor:
-        """(E,) routed counts per global expert -> (ep_size, E_local) received per source."""
-
-    def reduce_max(self, value: int) -> int:
-        """The maximum of ``value`` over the group."""
-
-
-class LocalExchange:
-    """One process holds every expert: all exchanges are identities."""
-
-    ep_size = 1
-    ep_rank = 0
-
-    def all_to_all(self, x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
-        return x
-
-    def exchange_counts(self, counts: Tensor) -> Tensor:
-        return counts.view(1, -1)
-
-    def reduce_max(self, value: int) -> int:
-        return value
-
-
 @dataclass
 class MoEStats:
     """What one MoE layer saw in its last forward (detached, except the losses)."""
@@ -79,8 +46,11 @@ class MoEStats:
     z_loss: Tensor
     tokens_per_expert: Tensor
     """(E,) tokens routed to each expert before dropping, on this rank."""
-    dropped_fraction: float
+    dropped_fraction: Tensor
+    """Scalar, on the device (read it on the host once per step, not per layer)."""
     capacity: int
+    """Rows per local expert in this rank's expert buffer (with dropping and the
+    fixed-capacity exchange: EP size x the gate's capacity)."""
 
 
 class Router(nn.Module):
@@ -123,8 +93,8 @@ EXPERT_CHUNKS = 8
 
 
 def _expert_chunks(num_local_experts: int) -> list[slice]:
-    bounds = torch.linspace(0, num_local_experts, min(EXPERT_CHUNKS, num_local_experts) + 1)
-    edges = [int(round(float(b))) for b in bounds]
+    chunks = min(EXPERT_CHUNKS, num_local_experts)
+    edges = [round(i * num_local_experts / chunks) for i in range(chunks + 1)]  # host arithmetic
     return [slice(a, b) for a, b in zip(edges[:-1], edges[1:], strict=False)]
 
 
@@ -183,24 +153,6 @@ class _ExpertFFN(torch.autograd.Function):
         return grad_x, None, None, None, None
 
 
-class _Combine(torch.autograd.Function):
-    """y[token] += weight * out for each kept assignment, keeping only what backward needs
-    (autograd's mul + index_add would hold two [assignments, d] tensors, not one)."""
-
-    @staticmethod
-    def forward(ctx, out: Tensor, weight: Tensor, token_index: Tensor, num_tokens: int) -> Tensor:
-        ctx.save_for_backward(out, weight, token_index)
-        y = out.new_zeros(num_tokens, out.shape[1])
-        return y.index_add_(0, token_index, out * weight.unsqueeze(1).to(out.dtype))
-
-    @staticmethod
-    def backward(ctx, grad_y: Tensor):
-        out, weight, token_index = ctx.saved_tensors
-        rows = grad_y.index_select(0, token_index).to(out.dtype)
-        grad_weight = torch.bmm(rows.unsqueeze(1), out.unsqueeze(2)).view(-1).to(weight.dtype)
-        return rows.mul_(weight.unsqueeze(1).to(rows.dtype)), grad_weight, None, None
-
-
 def _compute_dtype(x: Tensor) -> torch.dtype:
     device = x.device.type
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
@@ -251,61 +203,28 @@ class MoELayer(nn.Module):
     def gate(self, logits: Tensor) -> GateOutput:
         cfg = self.cfg
         capacity_factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
-        reduce_max = self.exchange.reduce_max if self.exchange.ep_size > 1 else None
         drop_tokens = cfg.drop_tokens if self.training else cfg.eval_drop_tokens
         if cfg.top_k == 1:
             return top1_gating(logits, capacity_factor, cfg.min_capacity, drop_tokens,
-                               cfg.use_rts, cfg.noisy_gate_policy if self.training else None,
-                               reduce_max=reduce_max)
+                               cfg.use_rts, cfg.noisy_gate_policy if self.training else None)
         return top2_gating(logits, capacity_factor, cfg.min_capacity, drop_tokens,
-                           cfg.second_expert_sampling and self.training, reduce_max=reduce_max)
+                           cfg.second_expert_sampling and self.training)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
         shape = x.shape
         tokens = x.reshape(-1, shape[-1])
         logits = self.router(tokens)
         gate = self.gate(logits)
-
-        kept = gate.kept.reshape(-1)
-        token_index = torch.arange(tokens.shape[0], device=x.device)
-        token_index = token_index.repeat_interleave(self.cfg.top_k)[kept]
-        expert = gate.expert.reshape(-1)[kept]
-        order = torch.argsort(expert, stable=True)
-        token_index, expert = token_index[order], expert[order]
-        weight = gate.weight.reshape(-1)[kept][order]
-        out = self._run_experts(tokens.index_select(0, token_index).to(_compute_dtype(x)), expert)
-        y = _Combine.apply(out, weight, token_index, tokens.shape[0])
-
-        assignments = gate.expert.numel()
+        fixed = gate.capacity is not None and self.cfg.fixed_capacity_exchange
+        dispatch = dispatch_fixed if fixed else dispatch_variable
+        y, capacity = dispatch(tokens, gate, self.exchange, self.experts, self.num_experts,
+                               _compute_dtype(x))
         stats = MoEStats(
             l_aux=gate.l_aux,
             z_loss=router_z_loss(logits) if self.cfg.z_loss_coef > 0 else logits.new_zeros(()),
             tokens_per_expert=gate.exp_counts.detach(),
-            dropped_fraction=1.0 - int(kept.sum()) / assignments,
-            capacity=gate.capacity,
+            dropped_fraction=1.0 - gate.kept.float().mean(),
+            capacity=capacity,
         )
         self.last_stats = stats
         return y.reshape(shape).to(x.dtype), stats
-
-    def _run_experts(self, sent: Tensor, expert: Tensor) -> Tensor:
-        """Expert outputs for rows ``sent`` already sorted by their (global) ``expert``."""
-        counts = torch.bincount(expert, minlength=self.num_experts)
-        send_counts = counts.view(self.exchange.ep_size, -1).sum(dim=1).tolist()
-        received = self.exchange.exchange_counts(counts)  # (ep_size, E_local)
-        recv_counts = received.sum(dim=1).tolist()
-        arrived = self.exchange.all_to_all(sent, send_counts, recv_counts)
-        del sent  # rows now live in `arrived` (the same tensor with one rank): free early
-
-        # Rows arrive grouped by source rank, then by local expert: give each its place.
-        local_expert = torch.arange(self.num_local_experts, device=arrived.device)
-        local_expert = local_expert.repeat(self.exchange.ep_size).repeat_interleave(received.flatten())
-        position = position_in_expert(local_expert, self.num_local_experts)
-        capacity = max(int(received.sum(dim=0).max()), 1)
-        row = local_expert * capacity + position
-
-        buffer = arrived.new_zeros(self.num_local_experts * capacity, arrived.shape[1])
-        buffer.index_put_((row,), arrived)  # index_put_ keeps only the indices for backward
-        del arrived
-        results = self.experts(buffer.view(self.num_local_experts, capacity, -1))
-        results = results.reshape(-1, results.shape[-1]).index_select(0, row)
-        return self.exchange.all_to_all(results, recv_counts, send_counts)

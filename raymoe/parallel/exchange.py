@@ -1,6 +1,6 @@
 """The expert-parallel exchange over a process group: a differentiable all-to-all with
-variable split sizes (``all_to_all_single``; the list form fails on gloo when the sizes
-differ), the per-expert count exchange, and the group maximum for capacity."""
+given split sizes (``all_to_all_single``; the list form fails on gloo when the sizes
+differ) and the per-expert count exchange. Neither reads a device value on the host."""
 
 from __future__ import annotations
 
@@ -51,12 +51,3 @@ class ProcessGroupExchange:
         received = torch.empty_like(counts)
         dist.all_to_all_single(received, counts, group=self.group)
         return received.view(self.ep_size, -1)
-
-    def reduce_max(self, value: int) -> int:
-        t = torch.tensor([value], dtype=torch.int64, device=self._device())
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return int(t)
-
-    def _device(self) -> torch.device:
-        backend = dist.get_backend(self.group)
-        return torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")

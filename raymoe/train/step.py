@@ -2,10 +2,16 @@
 
 A step whose loss or gradient norm is not finite on any rank is skipped on every rank
 (gradients dropped, no update) and says which parameter first had a non-finite gradient.
+
+On a GPU each read of a device value on the host stalls the CPU until the device catches
+up. The step's losses, gradient norm and MoE statistics therefore stay on the device,
+are summed over ranks in one all-reduce, and are read on the host in one copy: the one
+read the step needs, since skipping a non-finite step is a host decision.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -30,7 +36,7 @@ class StepResult:
     diagnosis: str = ""
     """For a skipped step: what was not finite, and where."""
     tokens_per_expert: list[Tensor] = field(default_factory=list)
-    """Per MoE layer, tokens routed to each expert over all ranks and micro-batches."""
+    """Per MoE layer, tokens routed to each expert over all ranks and micro-batches (CPU)."""
     dropped_fraction: list[float] = field(default_factory=list)
 
 
@@ -41,30 +47,31 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, mesh: Mesh,
     equals one process taking all ranks' micro-batches with gradient accumulation."""
     batches = list(micro_batches)
     device = next(model.parameters()).device
-    totals = torch.zeros(3, device=device)
-    layers = len(model.moe_layers)
-    counts = torch.zeros(layers, model.cfg.moe.num_experts, device=device, dtype=torch.long)
-    dropped = torch.zeros(layers, device=device)
+    layers, experts = len(model.moe_layers), model.cfg.moe.num_experts
+    # Per micro-batch means: loss, lm_loss, l_aux, then each MoE layer's dropped fraction.
+    means = torch.zeros(3 + layers, device=device)
+    counts = torch.zeros(layers, experts, device=device, dtype=torch.long)
     for inputs, targets in batches:
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             out = model(inputs, targets)
         (out.loss / len(batches)).backward()
-        totals += torch.stack([out.loss.detach(), out.lm_loss.detach(), out.l_aux.detach()]) / len(batches)
+        means += torch.stack([out.loss.detach(), out.lm_loss.detach(), out.l_aux.detach(),
+                              *(s.dropped_fraction.detach() for s in out.moe_stats)]) / len(batches)
         for i, stats in enumerate(out.moe_stats):
             counts[i] += stats.tokens_per_expert
-            dropped[i] += stats.dropped_fraction / len(batches)
     reduce_gradients(model, mesh)
     norm = global_grad_norm(model, mesh)
+    # float64 holds counts exactly up to 2**53: one tensor, one all-reduce, one host read.
+    summary = torch.cat([means.double() / mesh.world_size, counts.flatten().double()])
     if mesh.is_distributed:
-        for t in (totals, counts, dropped):
-            dist.all_reduce(t)
-        totals /= mesh.world_size
-        dropped /= mesh.world_size
-    loss, lm_loss, l_aux = totals.tolist()
-    result = StepResult(loss, lm_loss, l_aux, float(norm), tokens_per_expert=list(counts.cpu()),
-                        dropped_fraction=dropped.tolist())
-    if not (torch.isfinite(totals).all() and torch.isfinite(norm)):
+        dist.all_reduce(summary)
+    host = torch.cat([summary, norm.double().reshape(1)]).tolist()  # the step's host sync
+    loss, lm_loss, l_aux = host[:3]
+    result = StepResult(loss, lm_loss, l_aux, host[-1], dropped_fraction=host[3:3 + layers],
+                        tokens_per_expert=list(torch.tensor(host[3 + layers:-1], dtype=torch.long)
+                                               .view(layers, experts)))
+    if not all(math.isfinite(v) for v in (loss, lm_loss, l_aux, result.grad_norm)):
         result.skipped = True
         result.diagnosis = _diagnose(model, result)
     else:
