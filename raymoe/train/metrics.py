@@ -20,6 +20,7 @@ from raymoe.data.storage import locate
 from raymoe.runs import METRICS_FILE
 
 if TYPE_CHECKING:
+    from raymoe.model import GPT
     from raymoe.train.loop import Trainer
     from raymoe.train.step import StepResult
 
@@ -45,9 +46,13 @@ def peak_flops(device: torch.device, configured: float) -> float | None:
 
 
 def flops_per_token(trainer: Trainer) -> float:
+    return model_flops_per_token(trainer.model)
+
+
+def model_flops_per_token(model: GPT) -> float:
     """Training FLOPs per token: 6 x active parameters plus attention (12 x L x d x T)."""
-    m = trainer.cfg.model
-    return 6 * trainer.model.num_parameters(active_only=True) + 12 * m.n_layer * m.d_model * m.seq_len
+    m = model.cfg
+    return 6 * model.num_parameters(active_only=True) + 12 * m.n_layer * m.d_model * m.seq_len
 
 
 def step_metrics(trainer: Trainer, result: StepResult, lr: float, seconds: float,
