@@ -3,7 +3,8 @@
 CPU, fp32, 8192 tokens, hidden 512, FFN 2048, capacity factor 1.0, experts 8, 32, 128.
 The three layers run alternately in the same process; the table shows median ratios.
 Peak memory of one forward + backward at the largest expert count is what torch allocates
-during the step, from the profiler's memory events.
+during the step, from the profiler's memory events. Host syncs (ops that would make the
+host wait for a GPU) are counted on CPU by raymoe.host_syncs, with and without dropping.
 
     python bench/moe_layer.py [--reps 7] [--experts 8 32 128]
 """
@@ -25,12 +26,12 @@ def dense_ffn() -> nn.Module:
     return nn.Sequential(nn.Linear(HIDDEN, FFN), nn.GELU(approximate="tanh"), nn.Linear(FFN, HIDDEN))
 
 
-def ours(experts: int) -> nn.Module:
+def ours(experts: int, drop_tokens: bool = True) -> nn.Module:
     from raymoe.config import MoEConfig
     from raymoe.model.moe import MoELayer
 
     layer = MoELayer(HIDDEN, FFN, MoEConfig(num_experts=experts, capacity_factor=1.0,
-                                            min_capacity=4, use_rts=True))
+                                            min_capacity=4, use_rts=True, drop_tokens=drop_tokens))
     for p in layer.parameters():
         nn.init.normal_(p, std=0.02)
     return layer
@@ -120,6 +121,19 @@ def peak_memory_mib(layer: nn.Module, x: torch.Tensor) -> float:
     return (max(e["Total Allocated"] for e in events) - start) / 2**20
 
 
+def host_syncs(experts: int, drop_tokens: bool) -> tuple[int, int]:
+    """(forward, backward) host syncs of one step of our layer."""
+    from raymoe.host_syncs import count_host_syncs
+
+    layer = ours(experts, drop_tokens)
+    x = torch.randn(1, TOKENS, HIDDEN, requires_grad=True)
+    with count_host_syncs() as forward:
+        y = output(layer, x)
+    with count_host_syncs() as backward:
+        y.backward(_output_grad(x))
+    return forward.total, backward.total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=7)
@@ -137,6 +151,9 @@ def main() -> None:
                                    for kind in ("dense", "ours", "deepspeed"))
     print(f"peak memory of one fwd+bwd at {experts} experts: dense FFN {dense_mib:.0f} MiB, "
           f"ours {ours_mib:.0f} MiB, deepspeed {ds_mib:.0f} MiB, ours/deepspeed {ours_mib / ds_mib:.3f}")
+    dropping, no_drop = host_syncs(experts, True), host_syncs(experts, False)
+    print(f"host syncs per MoE layer forward: dropping {dropping[0]}, no-drop {no_drop[0]}")
+    print(f"host syncs per MoE layer backward: dropping {dropping[1]}, no-drop {no_drop[1]}")
 
 
 if __name__ == "__main__":
