@@ -1,9 +1,9 @@
 """One prepared run for a machine with one GPU (under 8 minutes): what the CPU cannot say.
 
-- training throughput and MFU of gpt-350m and gpt-350m-moe128 (fewer layers where the
-  optimizer state would not fit), bf16 autocast, one process, with the peak memory the
-  step allocated and its host syncs (counted by raymoe.host_syncs and, on CUDA, by
-  torch's own sync-debug mode);
+- training throughput and MFU of gpt-350m and gpt-350m-moe128 (fewer layers where
+  `raymoe plan` says the full depth does not fit), bf16 autocast, one process, with the
+  peak memory the step allocated against the plan's estimate, and its host syncs
+  (counted by raymoe.host_syncs and, on CUDA, by torch's own sync-debug mode);
 - the MoE layer (128 experts) against a dense FFN of the same active size;
 - the expert FFN as one ``torch._grouped_mm`` over the kept rows against the batched
   product over capacity-padded buffers that raymoe uses, where the GPU has grouped GEMMs
@@ -36,14 +36,13 @@ from raymoe.host_syncs import count_host_syncs  # noqa: E402
 from raymoe.model import GPT  # noqa: E402
 from raymoe.model.moe import Experts, MoELayer  # noqa: E402
 from raymoe.parallel import Mesh  # noqa: E402
+from raymoe.plan import device_hardware, estimate_memory  # noqa: E402
 from raymoe.train.metrics import model_flops_per_token, peak_flops  # noqa: E402
 from raymoe.train.optim import build_optimizer  # noqa: E402
 from raymoe.train.step import train_step  # noqa: E402
 
 NO_GPU = "no GPU"
 ONE_GPU = ["parallel.num_workers=1", "parallel.ep_size=1"]
-OPTIMIZER_BYTES_PER_PARAMETER = 16
-"""fp32 parameter, gradient and AdamW's two moments."""
 
 
 def synchronize(device: torch.device) -> None:
@@ -67,18 +66,21 @@ def timed(fn: Callable[[], object], device: torch.device, reps: int, warmup: int
 
 # ------------------------------------------------------------------ training throughput
 
+def planned_hardware(device: torch.device):
+    if device.type != "cuda":
+        return "cpu"
+    return device_hardware(torch.cuda.get_device_name(device),
+                           torch.cuda.get_device_properties(device).total_memory)
+
+
 def layers_that_fit(preset: str, overrides: list[str], device: torch.device) -> int:
-    """The preset's depth, or the largest even depth whose optimizer state takes at most
-    half of the GPU's memory (the rest for activations)."""
+    """The preset's depth, or the largest even depth that `raymoe plan` says fits."""
     cfg = load_config(preset, overrides)
     if device.type != "cuda":
         return cfg.model.n_layer
-    budget = torch.cuda.get_device_properties(device).total_memory / 2
     for n_layer in range(cfg.model.n_layer, 0, -2):
         cfg.model.n_layer = n_layer
-        with torch.device("meta"):
-            params = GPT(cfg.model).num_parameters()
-        if params * OPTIMIZER_BYTES_PER_PARAMETER <= budget:
+        if estimate_memory(cfg, planned_hardware(device)).fits:
             return n_layer
     raise SystemExit(f"{preset}: not even 2 layers fit on {torch.cuda.get_device_name(device)}")
 
@@ -122,8 +124,11 @@ def training_row(preset: str, overrides: list[str], device: torch.device, steps:
     tokens_per_s = t.micro_batch * cfg.model.seq_len / seconds
     peak = peak_flops(device, 0.0)
     mfu = f"MFU {model_flops_per_token(model) * tokens_per_s / peak:.1%}" if peak else f"MFU: {NO_GPU}"
-    memory = (f"peak memory {torch.cuda.max_memory_allocated(device) / 2**30:.1f} GiB"
-              if device.type == "cuda" else f"peak memory: {NO_GPU}")
+    planned = estimate_memory(cfg, planned_hardware(device)).peak
+    measured = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    memory = (f"peak memory {measured / 2**30:.1f} GiB, raymoe plan {planned / 2**30:.1f} GiB "
+              f"(measured / plan {measured / planned:.2f})" if measured is not None
+              else f"peak memory: {NO_GPU} (raymoe plan on cpu: {planned / 2**30:.3f} GiB)")
     cuda_count = f" (CUDA sync debug: {reported})" if reported is not None else ""
     return (f"{preset}: {n_layer} layers, {model.num_parameters() / 1e9:.2f}B parameters, "
             f"micro-batch {t.micro_batch} x {cfg.model.seq_len}: {tokens_per_s:,.0f} tokens/s, {mfu}, "

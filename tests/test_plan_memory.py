@@ -105,7 +105,7 @@ def _fake_step_peak(cfg) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
 
-    with FakeTensorMode(), mock.patch.object(gpt_module, "check_token_ids", lambda *args: None):
+    with FakeTensorMode(), mock.patch.object(gpt_module, "check_token_ids", lambda *args, **kwargs: None):
         model = GPT(cfg.model)
         optimizer = build_optimizer(model, cfg.optim)
         ids = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, cfg.model.seq_len + 1))
