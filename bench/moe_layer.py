@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import socket
 import statistics
 import time
 
@@ -47,7 +48,10 @@ def deepspeed_moe(experts: int) -> nn.Module:
 
     logger.setLevel(logging.ERROR)
     if not ds_comm.is_initialized():
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511",
+        with socket.socket() as s:  # a free port: a fixed one hangs two runs at once
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
                           RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
         deepspeed.init_distributed(dist_backend="gloo", verbose=False)
     layer = MoE(HIDDEN, dense_ffn(), num_experts=experts, ep_size=1, k=1, capacity_factor=1.0,
