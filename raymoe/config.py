@@ -402,7 +402,8 @@ def _raw_source(source: str) -> dict[str, Any]:
 
 def _reference(name: str, n_layer: int, d_model: int, n_head: int, *, lr: float, batch: int,
                init_std: float = 0.014, experts: int = 0) -> dict[str, Any]:
-    """A model of the DeepSpeed-MoE NLG paper with the public scripts' recipe."""
+    """A model of the DeepSpeed-MoE NLG paper with the public scripts' recipe (activation
+    checkpointing on, as they ran), sharded (FSDP) so that it fits an A100 40 GB."""
     moe = {"num_experts": experts, "every": 2, "top_k": 1, "capacity_factor": 1.0,
            "eval_capacity_factor": 1.0, "min_capacity": 4, "drop_tokens": True,
            "use_rts": True, "loss_coef": 0.01}
@@ -410,9 +411,10 @@ def _reference(name: str, n_layer: int, d_model: int, n_head: int, *, lr: float,
     return {
         "name": name,
         "model": {"vocab_size": 50257, "pad_vocab_to": 128, "seq_len": 2048, "n_layer": n_layer,
-                  "d_model": d_model, "n_head": n_head, "init_std": init_std, "moe": moe},
+                  "d_model": d_model, "n_head": n_head, "init_std": init_std,
+                  "activation_checkpointing": True, "moe": moe},
         "parallel": {"num_workers": 128, "ep_size": min(experts, 128) if experts else 1,
-                     "use_gpu": True},
+                     "use_gpu": True, "shard": "fsdp"},
         "optim": {"lr": lr, "min_lr_ratio": 0.01, "betas": [0.9, 0.95], "weight_decay": 0.1,
                   "grad_clip": 1.0, "warmup_tokens": 375_000_000, "decay_tokens": tokens},
         "train": {"global_batch": batch, "micro_batch": 2 if batch == 256 else 4,

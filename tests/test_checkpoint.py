@@ -1,9 +1,8 @@
-"""The expert-sharded checkpoint: any EP size loads any checkpoint, optimizer included;
-incomplete checkpoints are ignored; another model's checkpoint is refused by name."""
+"""The checkpoint: any (world, EP size, shard mode) loads any checkpoint, optimizer
+included, and the next steps match an uninterrupted run; incomplete checkpoints are
+ignored; another model's checkpoint is refused by name."""
 
 from __future__ import annotations
-
-import shutil
 
 import pytest
 import torch
@@ -18,7 +17,12 @@ from raymoe.parallel.checkpoint import (
     save_checkpoint,
     step_directory,
 )
+<<<<<<< HEAD
 from raymoe.runs import latest_checkpoint
+=======
+from raymoe.parallel.shard import shard_model
+from raymoe.train.optim import build_optimizer
+>>>>>>> ca1df7d (Sharded data parallelism with expert parallelism: FSDP2 over the Mesh's named device meshes (dense over all ranks, experts over their expert-data-parallel group, divide factors that keep the gradient exact), expert FFN gradients through autograd, shard-agnostic checkpoints with torch.distributed.checkpoint, fsdp and activation checkpointing in the reference presets, fused AdamW on GPU)
 from raymoe.train.step import train_step
 
 NO_DROP = False  # without dropping, capacity (a function of local tokens) cannot matter
@@ -36,24 +40,39 @@ def continue_training(model, opt, mesh, cfg, rank: int, world: int) -> list[floa
             for seed in (3, 4)]
 
 
-def optimizer_state(model: GPT, opt: torch.optim.Optimizer) -> dict[str, dict[str, torch.Tensor]]:
-    return {n: {k: v.clone() for k, v in opt.state[p].items()} for n, p in model.named_parameters()}
-
-
-def train_save_continue(rank: int, world: int, ep: int, root: str) -> dict:
-    """Two steps, save, a third step: returns the state at the save and the third loss."""
+def setup(ep: int, shard: str, seed: int = 0):
     cfg = tiny_config(NO_DROP)
     mesh = Mesh(ep)
-    model, opt = build(cfg, mesh)
+    torch.manual_seed(seed)
+    model = GPT(cfg.model, mesh.expert_exchange())
+    if shard == "fsdp":
+        shard_model(model, mesh)
+    return cfg, mesh, model, build_optimizer(model, cfg.optim)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    return (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone()
+
+
+def snapshot(model: GPT, opt, mesh: Mesh) -> dict:
+    """Parameters and optimizer state gathered whole (experts: this EP rank's block)."""
+    return {"params": {n: whole(p) for n, p in model.named_parameters()},
+            "optim": {n: {k: whole(v) for k, v in opt.state[p].items()}
+                      for n, p in model.named_parameters()},
+            "experts": list(mesh.global_expert_ids(model.cfg.moe.num_experts))}
+
+
+def train_save_continue(rank: int, world: int, ep: int, shard: str, root: str) -> dict:
+    """Two steps, save, two more: returns the state at the save and the last losses."""
+    cfg, mesh, model, opt = setup(ep, shard)
     for seed in (1, 2):
         train_step(model, opt, mesh, my_micro_batches(cfg, seed, rank, world), 1.0)
     save_checkpoint(step_directory(root, 2), model, mesh, opt, extra={"step": 2})
-    saved = {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
-             "optim": optimizer_state(model, opt),
-             "experts": list(mesh.global_expert_ids(cfg.model.moe.num_experts))}
-    return {"saved": saved, "losses": continue_training(model, opt, mesh, cfg, rank, world)}
+    return {"saved": snapshot(model, opt, mesh),
+            "losses": continue_training(model, opt, mesh, cfg, rank, world)}
 
 
+<<<<<<< HEAD
 def load_and_continue(rank: int, world: int, ep: int, root: str) -> dict:
     cfg = tiny_config(NO_DROP)
     mesh = Mesh(ep)
@@ -64,6 +83,18 @@ def load_and_continue(rank: int, world: int, ep: int, root: str) -> dict:
               "optim": optimizer_state(model, opt),
               "experts": list(mesh.global_expert_ids(cfg.model.moe.num_experts)), "extra": extra}
     return {"loaded": loaded, "losses": continue_training(model, opt, mesh, cfg, rank, world)}
+=======
+def load_and_continue(rank: int, world: int, ep: int, shard: str, root: str,
+                      resave_to: str | None = None) -> dict:
+    """Load into other weights (the load must overwrite them all), optionally save again
+    in this layout, then two steps."""
+    cfg, mesh, model, opt = setup(ep, shard, seed=123)
+    extra = load_checkpoint(latest_checkpoint(root), model, mesh, opt)
+    if resave_to is not None:
+        save_checkpoint(step_directory(resave_to, 2), model, mesh, opt, extra=extra)
+    return {"loaded": snapshot(model, opt, mesh) | {"extra": extra},
+            "losses": continue_training(model, opt, mesh, cfg, rank, world)}
+>>>>>>> ca1df7d (Sharded data parallelism with expert parallelism: FSDP2 over the Mesh's named device meshes (dense over all ranks, experts over their expert-data-parallel group, divide factors that keep the gradient exact), expert FFN gradients through autograd, shard-agnostic checkpoints with torch.distributed.checkpoint, fsdp and activation checkpointing in the reference presets, fused AdamW on GPU)
 
 
 def full_view(rank_states: list[dict], key: str) -> dict[str, dict]:
@@ -91,29 +122,36 @@ def assert_same(a: dict, b: dict) -> None:
             assert torch.allclose(a[name], b[name], atol=1e-7), name
 
 
-@pytest.fixture(scope="module")
-def ep2_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpt")
-    results = run_distributed(train_save_continue, 2, root, 2, str(root / "run"))
-    return root / "run", results
-
-
-def test_save_with_ep_2_load_with_ep_1(ep2_checkpoint):
-    root, saved = ep2_checkpoint
-    [loaded] = [load_and_continue(0, 1, 1, str(root))]
-    assert loaded["loaded"]["extra"] == {"step": 2}
-    for key in ("params", "optim"):
-        assert_same(full_view([r["saved"] for r in saved], key), full_view([loaded["loaded"]], key))
-    assert loaded["losses"] == pytest.approx(saved[0]["losses"], abs=1e-5)
-
-
-def test_save_with_ep_2_load_with_ep_4(ep2_checkpoint, tmp_path):
-    root, saved = ep2_checkpoint
-    loaded = run_distributed(load_and_continue, 4, tmp_path, 4, str(root))
+def assert_loaded_as_saved(saved: list[dict], loaded: list[dict]) -> None:
     for key in ("params", "optim"):
         assert_same(full_view([r["saved"] for r in saved], key),
                     full_view([r["loaded"] for r in loaded], key))
-    assert loaded[0]["losses"] == pytest.approx(saved[0]["losses"], abs=1e-5)
+    for rank in loaded:
+        assert rank["losses"] == pytest.approx(saved[0]["losses"], abs=1e-5)
+
+
+@pytest.fixture(scope="module")
+def fsdp_checkpoint(tmp_path_factory):
+    """Written sharded (FSDP) at world 4, EP 2."""
+    root = tmp_path_factory.mktemp("ckpt")
+    results = run_distributed(train_save_continue, 4, root, 2, "fsdp", str(root / "run"))
+    return root / "run", results
+
+
+def test_fsdp_world_4_ep_2_loads_in_one_process(fsdp_checkpoint):
+    root, saved = fsdp_checkpoint
+    loaded = load_and_continue(0, 1, 1, "none", str(root))
+    assert loaded["loaded"]["extra"] == {"step": 2}
+    assert_loaded_as_saved(saved, [loaded])
+
+
+def test_fsdp_world_4_ep_2_to_unsharded_world_2_ep_1_and_back(fsdp_checkpoint, tmp_path):
+    root, saved = fsdp_checkpoint
+    back = tmp_path / "back"
+    loaded = run_distributed(load_and_continue, 2, tmp_path, 1, "none", str(root), str(back))
+    assert_loaded_as_saved(saved, loaded)
+    again = run_distributed(load_and_continue, 4, tmp_path, 4, "fsdp", str(back))
+    assert_loaded_as_saved(saved, again)
 
 
 def test_checkpoint_without_manifest_is_ignored(tmp_path):
@@ -155,11 +193,10 @@ def test_checkpoint_of_another_shape_names_the_parameter(tmp_path):
         load_checkpoint(tmp_path / "c", other, mesh)
 
 
-def test_missing_expert_file_is_named(tmp_path):
+def test_missing_data_file_is_named(tmp_path):
     mesh = Mesh(1)
     model, _ = build(tiny_config(True), mesh)
     save_checkpoint(tmp_path / "c", model, mesh)
-    (tmp_path / "c" / "experts-00000.pt").unlink()
-    with pytest.raises(CheckpointError, match="experts-00000.pt: listed in the manifest but missing"):
+    (tmp_path / "c" / "__0_0.distcp").unlink()
+    with pytest.raises(CheckpointError, match="could not be read: .*__0_0.distcp"):
         load_checkpoint(tmp_path / "c", model, mesh)
-    shutil.rmtree(tmp_path / "c")

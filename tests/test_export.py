@@ -98,7 +98,8 @@ def test_moe_checkpoint_saved_with_ep_2_scores_the_same_in_one_process(sentence_
     per_rank = run_distributed(_score_and_resave_with_ep_2, 2, tmp_path, str(sentence_runs(4)), str(target))
     assert per_rank[0] == per_rank[1]
     manifest = json.loads((step_directory(target, 300) / "manifest.json").read_text())
-    assert manifest["ep_size"] == 2 and len(manifest["expert_files"]) == 2
+    assert manifest["ep_size"] == 2 and manifest["world_size"] == 2
+    assert all((step_directory(target, 300) / f"__{rank}_0.distcp").is_file() for rank in (0, 1))
     for run in (target, sentence_runs(4)):  # written with EP 2, and the EP 1 original
         loaded = load_model(str(run))
         scorer = Scorer(loaded.model, loaded.tokenizer, batch_size=2)

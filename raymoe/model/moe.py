@@ -101,15 +101,23 @@ def _expert_chunks(num_local_experts: int) -> list[slice]:
 class _ExpertFFN(torch.autograd.Function):
     """Batched expert FFN with a lean backward, for E experts of [C, d] rows each.
 
-    Two choices keep it as fast as a dense FFN and at about half DeepSpeed's memory:
-    - Weight gradients are added into ``param.grad`` in place (keep gradients between
-      steps: zero them, don't free them). With E experts they are E times a dense FFN's;
-      returning them from backward means a fresh E x d x f buffer per matrix every step,
-      whose page faults on CPU cost more than the products (Megatron's fused gradient
-      accumulation does the same). Hooks on these parameters' gradients do not fire.
-    - Only the input and the pre-activation are saved; the GELU output is recomputed in
-      backward, and both passes run over EXPERT_CHUNKS chunks of experts so that the
-      transient [experts, C, ffn] tensors are an eighth of the full size.
+    Weight gradients leave backward as ordinary gradients, so autograd accumulates them
+    and whatever hooks the parameters (FSDP's reduce-scatter, gradient hooks) sees them.
+    With E experts they are E times a dense FFN's, and a fresh E x d x f buffer per
+    matrix every step costs more in page faults on CPU than the products themselves. So
+    backward adopts a parameter's existing gradient buffer: it takes ``param.grad`` off
+    the parameter, adds this pass's gradient into it in place and returns it; autograd's
+    AccumulateGrad then installs the returned tensor as the (now empty) ``.grad`` without
+    a copy. The result is the same sum autograd forms (two uses of a parameter in one
+    graph find ``.grad`` taken by the first and start from a fresh buffer); only a hook on
+    the gradient sees the accumulated value instead of this pass's part. Keep gradients
+    between steps (``zero_grad(set_to_none=False)``) to reuse the buffers; under FSDP the
+    gradient is freed after each reduce-scatter, and backward allocates as for any other
+    parameter.
+
+    Only the input and the pre-activation are saved; the GELU output is recomputed in
+    backward, and both passes run over EXPERT_CHUNKS chunks of experts so that the
+    transient [experts, C, ffn] tensors are an eighth of the full size.
     """
 
     @staticmethod
@@ -125,7 +133,7 @@ class _ExpertFFN(torch.autograd.Function):
                 torch.baddbmm(b_out[part].unsqueeze(1).to(dtype), h, w_out[part].to(dtype), out=y[part])
                 pres.append(pre)
         ctx.save_for_backward(x, *pres)
-        # The parameters themselves, not saved copies: their .grad is written in backward
+        # The parameters themselves, not saved copies: backward adopts their .grad buffers
         # (saved-tensor hooks such as activation checkpointing hand back other objects).
         ctx.params = (w_in, b_in, w_out, b_out)
         return y
@@ -137,20 +145,23 @@ class _ExpertFFN(torch.autograd.Function):
         dtype = x.dtype
         grad_y = grad_y.to(dtype)
         grad_x = torch.empty_like(x) if ctx.needs_input_grad[0] else None
-        for part, pre in zip(_expert_chunks(x.shape[0]), pres, strict=False):
+        grads = [_adopt_grad(p) if needed else None
+                 for p, needed in zip(ctx.params, ctx.needs_input_grad[1:], strict=True)]
+        grad_w_in, grad_b_in, grad_w_out, grad_b_out = grads
+        for part, pre in zip(_expert_chunks(x.shape[0]), pres, strict=True):
             g = grad_y[part]
             h = F.gelu(pre, approximate="tanh")
-            _accumulate(w_out, part, h.transpose(1, 2), g)
-            _accumulate_bias(b_out, part, g)
+            _accumulate(grad_w_out, part, h.transpose(1, 2), g)
+            _accumulate_bias(grad_b_out, part, g)
             del h
             grad_pre = torch.bmm(g, w_out[part].to(dtype).transpose(1, 2))
             torch.ops.aten.gelu_backward.grad_input(grad_pre, pre, approximate="tanh",
                                                     grad_input=grad_pre)
-            _accumulate(w_in, part, x[part].transpose(1, 2), grad_pre)
-            _accumulate_bias(b_in, part, grad_pre)
+            _accumulate(grad_w_in, part, x[part].transpose(1, 2), grad_pre)
+            _accumulate_bias(grad_b_in, part, grad_pre)
             if grad_x is not None:
                 torch.bmm(grad_pre, w_in[part].to(dtype).transpose(1, 2), out=grad_x[part])
-        return grad_x, None, None, None, None
+        return grad_x, grad_w_in, grad_b_in, grad_w_out, grad_b_out
 
 
 def _compute_dtype(x: Tensor) -> torch.dtype:
@@ -158,26 +169,29 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
-def _grad_of(param: Tensor) -> Tensor:
-    if param.grad is None:
-        param.grad = torch.zeros_like(param)
-    return param.grad
+def _adopt_grad(param: Tensor) -> Tensor:
+    """The buffer this backward returns as ``param``'s gradient: its current ``.grad``
+    (taken off the parameter, see _ExpertFFN) or fresh zeros."""
+    grad = param.grad
+    if grad is None or grad.shape != param.shape or grad.dtype != param.dtype:
+        return torch.zeros_like(param)
+    param.grad = None
+    return grad
 
 
-def _accumulate(param: Tensor, part: slice, a: Tensor, b: Tensor) -> None:
-    """param.grad[part] += a @ b (batched), without a temporary when the dtypes agree."""
-    if not param.requires_grad:
+def _accumulate(grad: Tensor | None, part: slice, a: Tensor, b: Tensor) -> None:
+    """grad[part] += a @ b (batched), without a temporary when the dtypes agree."""
+    if grad is None:
         return
-    grad = _grad_of(param)[part]
     if a.dtype == grad.dtype:
-        grad.baddbmm_(a, b)
+        grad[part].baddbmm_(a, b)
     else:
-        grad.add_(torch.bmm(a, b))
+        grad[part].add_(torch.bmm(a, b))
 
 
-def _accumulate_bias(param: Tensor, part: slice, grad_out: Tensor) -> None:
-    if param.requires_grad:
-        _grad_of(param)[part].add_(grad_out.sum(dim=1, dtype=param.dtype))
+def _accumulate_bias(grad: Tensor | None, part: slice, grad_out: Tensor) -> None:
+    if grad is not None:
+        grad[part].add_(grad_out.sum(dim=1, dtype=grad.dtype))
 
 
 class MoELayer(nn.Module):

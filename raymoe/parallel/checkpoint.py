@@ -1,15 +1,18 @@
-"""The expert-sharded checkpoint: loadable at any expert-parallel size.
+"""The checkpoint: loadable at any world size, expert-parallel size and shard mode.
 
 A checkpoint is a directory:
-  dense.pt              every non-expert parameter and its AdamW state (written by rank 0)
-  experts-NNNNN.pt      per EP rank of the first EP group: each of its experts' parameters
-                        and AdamW state under the expert's GLOBAL id
-  rank-NNNNN.pt         optional per-rank state (RNG), restored at the same world size
-  manifest.json         written last, by rank 0, once every other file is complete
+  .metadata, __R_N.distcp   torch.distributed.checkpoint (DCP) files: rank R writes only
+                            the slices it holds (replicated slices once, by one rank)
+  rank-NNNNN.pt             optional per-rank state (RNG), restored at the same world size
+  manifest.json             written last, by rank 0, once every other file is complete
 
-A directory without manifest.json (a crash mid-save) is not a checkpoint. Because experts
-are stored by global id, a checkpoint written with EP size a loads with EP size b, the
-optimizer state included (DeepSpeed stores optimizer state per EP rank and cannot).
+Every tensor is addressed by its GLOBAL shape: a dense parameter whole, an expert
+parameter as one [num_experts, ...] tensor of which a rank holds the block of its EP rank
+(sharded further over its expert-data-parallel group under FSDP), and each AdamW state
+like its parameter. DCP reads exactly the slices a rank's layout needs, so a checkpoint
+written with shard fsdp at (world 4, EP 2) loads at (world 2, EP 1, shard none) or in one
+process, optimizer state included (DeepSpeed stores optimizer state per EP rank and
+cannot). A directory without manifest.json (a crash mid-save) is not a checkpoint.
 """
 
 from __future__ import annotations
@@ -22,17 +25,23 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
+from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
+from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from raymoe.data.storage import locate
 from raymoe.errors import RaymoeError
 from raymoe.model.moe import is_expert_parameter
 from raymoe.parallel.mesh import Mesh
+from raymoe.parallel.shard import is_sharded
 
-FORMAT = "raymoe-checkpoint/1"
+FORMAT = "raymoe-checkpoint/2"
 MANIFEST = "manifest.json"
-DENSE_FILE = "dense.pt"
 STEP_DIR = re.compile(r"^step-(\d+)$")
+HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
+"""The optimizer's per-group settings a checkpoint restores (not device choices like fused)."""
 
 
 class CheckpointError(RaymoeError, RuntimeError):
@@ -43,8 +52,8 @@ def step_directory(root: str | Path, step: int) -> Path:
     return Path(root) / f"step-{step:08d}"
 
 
-def _experts_file(ep_rank: int) -> str:
-    return f"experts-{ep_rank:05d}.pt"
+def _rank_file(rank: int) -> str:
+    return f"rank-{rank:05d}.pt"
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -53,19 +62,56 @@ def _atomic_save(obj: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _barrier(mesh: Mesh) -> None:
-    if mesh.is_distributed:
-        dist.barrier()
+# ---------------------------------------------------------------------------- global view
 
 
-def _adam_state(optimizer: torch.optim.Optimizer | None, param: nn.Parameter) -> dict[str, Tensor]:
-    if optimizer is None:
-        return {}
-    return {k: v for k, v in optimizer.state.get(param, {}).items() if isinstance(v, Tensor)}
+def _global_tensor(name: str, tensor: Tensor, model: nn.Module, mesh: Mesh) -> Tensor:
+    """``tensor`` (a parameter or a state shaped like it) as DCP should address it.
+
+    Dense tensors are whole (plain: replicated) or FSDP DTensors already. An expert
+    tensor holds this EP rank's block of experts: it becomes a DTensor over the expert
+    mesh, split over "ep" on dim 0 and replicated (or, under FSDP, sharded as FSDP
+    placed it) over "edp", whose global shape counts every expert.
+    """
+    if not is_expert_parameter(name) or not mesh.is_distributed:
+        return tensor
+    num_experts = int(model.get_submodule(name.split(".experts.")[0]).num_experts)
+    if isinstance(tensor, DTensor):
+        local, inner = tensor.to_local(), tensor.placements[0]
+        block = tensor.shape
+    else:
+        local, inner, block = tensor, Replicate(), tensor.shape
+    shape = torch.Size((num_experts, *block[1:]))
+    assert mesh.expert_mesh is not None
+    return DTensor.from_local(local, mesh.expert_mesh, [Shard(0), inner], shape=shape,
+                              stride=_contiguous_stride(shape))
 
 
-def _rank_file(rank: int) -> str:
-    return f"rank-{rank:05d}.pt"
+def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
+    stride, acc = [], 1
+    for size in reversed(shape):
+        stride.append(acc)
+        acc *= size
+    return tuple(reversed(stride))
+
+
+def _model_state(model: nn.Module, mesh: Mesh) -> dict[str, Tensor]:
+    return {f"model.{n}": _global_tensor(n, p.detach(), model, mesh)
+            for n, p in model.named_parameters()}
+
+
+def _optimizer_state(model: nn.Module, mesh: Mesh,
+                     optimizer: torch.optim.Optimizer) -> dict[str, Tensor]:
+    out = {}
+    for name, param in model.named_parameters():
+        for key, value in optimizer.state.get(param, {}).items():
+            if isinstance(value, Tensor):
+                out[f"optim.{name}.{key}"] = (_global_tensor(name, value, model, mesh)
+                                              if value.ndim else value)
+    return out
+
+
+# ---------------------------------------------------------------------------- save
 
 
 def save_checkpoint(directory: str | Path, model: nn.Module, mesh: Mesh,
@@ -82,42 +128,28 @@ def save_checkpoint(directory: str | Path, model: nn.Module, mesh: Mesh,
     directory.mkdir(parents=True, exist_ok=True)
     if rank_state is not None:
         _atomic_save(rank_state, directory / _rank_file(mesh.rank))
-    experts: dict[str, dict[int, dict[str, Tensor]]] = {}
-    dense: dict[str, dict[str, Tensor]] = {}
-    for name, param in model.named_parameters():
-        state = _adam_state(optimizer, param)
-        if not is_expert_parameter(name):
-            dense[name] = {"param": param.detach().cpu(), **{k: v.cpu() for k, v in state.items()}}
-            continue
-        layer_ids = mesh.global_expert_ids(_num_experts(model, name))
-        experts[name] = {
-            gid: {"param": param.detach()[i].cpu().clone(),
-                  **{k: (v[i] if v.ndim else v).cpu().clone() for k, v in state.items()}}
-            for i, gid in enumerate(layer_ids)}
-
-    first_ep_group = mesh.rank < mesh.ep_size
-    if first_ep_group and experts:
-        _atomic_save({"experts": experts}, directory / _experts_file(mesh.ep_rank))
+    state = _model_state(model, mesh)
+    if optimizer is not None:
+        state.update(_optimizer_state(model, mesh, optimizer))
+    dcp.save(state, checkpoint_id=directory, no_dist=not mesh.is_distributed)
+    if mesh.is_distributed:
+        dist.barrier()
     if mesh.rank == 0:
-        groups = [{k: v for k, v in g.items() if k != "params"}
+        groups = [{k: g[k] for k in HYPERPARAMETERS if k in g}
                   for g in (optimizer.param_groups if optimizer else [])]
-        _atomic_save({"dense": dense, "param_groups": groups}, directory / DENSE_FILE)
-    _barrier(mesh)
-    if mesh.rank == 0:
-        expert_files = {}
-        if experts:
-            num_experts = _num_experts(model, next(iter(experts)))
-            for ep_rank in range(mesh.ep_size):
-                expert_files[_experts_file(ep_rank)] = list(
-                    mesh.layout.global_expert_ids(ep_rank, num_experts))
-        manifest = {"format": FORMAT, "ep_size": mesh.ep_size, "world_size": mesh.world_size,
-                    "has_optimizer": optimizer is not None, "expert_files": expert_files,
+        manifest = {"format": FORMAT, "world_size": mesh.world_size, "ep_size": mesh.ep_size,
+                    "shard": "fsdp" if is_sharded(model) else "none",
+                    "has_optimizer": optimizer is not None, "param_groups": groups,
                     "extra": extra or {}}
         tmp = directory / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, directory / MANIFEST)
-    _barrier(mesh)
+    if mesh.is_distributed:
+        dist.barrier()
     return directory
+
+
+# ---------------------------------------------------------------------------- load
 
 
 def load_rank_state(directory: str | Path, mesh: Mesh) -> dict[str, Any] | None:
@@ -143,77 +175,71 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
 
 def load_checkpoint(directory: str | Path, model: nn.Module, mesh: Mesh,
                     optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load into this rank's model (and optimizer); returns the manifest's ``extra``."""
+    """Load into this rank's model (and optimizer), whatever layout wrote the checkpoint;
+    returns the manifest's ``extra``. Collective when the mesh is distributed."""
     directory = Path(directory)
     manifest = read_manifest(directory)
     if optimizer is not None and not manifest["has_optimizer"]:
         raise CheckpointError(f"{directory}: holds no optimizer state")
-    saved = torch.load(directory / DENSE_FILE, map_location="cpu", weights_only=True)
-    expert_source = _ExpertSource(directory, manifest)
-    names = dict(model.named_parameters())
-    _check_names(directory, names, saved["dense"], expert_source.names())
-    for name, param in names.items():
-        if is_expert_parameter(name):
-            ids = mesh.global_expert_ids(_num_experts(model, name))
-            entries = [expert_source.get(name, gid) for gid in ids]
-            _check_shape(directory, f"{name} (one expert)", entries[0]["param"], param[0])
-            entry = {k: entries[0][k] if k == "step" else torch.stack([e[k] for e in entries])
-                     for k in entries[0]}
-        else:
-            entry = saved["dense"][name]
-            _check_shape(directory, name, entry["param"], param)
-        with torch.no_grad():
-            param.copy_(entry["param"])
-        if optimizer is not None:
-            optimizer.state[param] = {k: v.to(param.device) for k, v in entry.items() if k != "param"}
+    saved = FileSystemReader(directory).read_metadata().state_dict_metadata
+    state = _model_state(model, mesh)
+    _check_parameters(directory, state, saved)
     if optimizer is not None:
-        for group, saved_group in zip(optimizer.param_groups, saved["param_groups"], strict=False):
-            group.update(saved_group)
+        _create_optimizer_state(model, optimizer, saved)
+        state.update(_optimizer_state(model, mesh, optimizer))
+    try:
+        dcp.load(state, checkpoint_id=directory, no_dist=not mesh.is_distributed)
+    except CheckpointException as err:
+        raise CheckpointError(f"{directory}: could not be read: {_first_failure(err)}") from err
+    if optimizer is not None:
+        for group, saved_group in zip(optimizer.param_groups, manifest["param_groups"], strict=True):
+            group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved_group.items()})
     return manifest["extra"]
 
 
-class _ExpertSource:
-    """Finds an expert's entry by global id across the experts-*.pt files (read lazily)."""
-
-    def __init__(self, directory: Path, manifest: dict[str, Any]):
-        self.directory = directory
-        self.file_of = {gid: f for f, ids in manifest["expert_files"].items() for gid in ids}
-        self.loaded: dict[str, dict[str, Any]] = {}
-
-    def _file(self, name: str) -> dict[str, Any]:
-        if name not in self.loaded:
-            path = self.directory / name
-            if not path.is_file():
-                raise CheckpointError(f"{path}: listed in the manifest but missing")
-            self.loaded[name] = torch.load(path, map_location="cpu", weights_only=True,
-                                           mmap=True)["experts"]
-        return self.loaded[name]
-
-    def names(self) -> set[str]:
-        return set(self._file(next(iter(set(self.file_of.values()))))) if self.file_of else set()
-
-    def get(self, name: str, gid: int) -> dict[str, Tensor]:
-        if gid not in self.file_of:
-            raise CheckpointError(f"{self.directory}: {name}: no expert {gid} in the checkpoint "
-                                  f"(it holds {len(self.file_of)} experts per layer)")
-        return self._file(self.file_of[gid])[name][gid]
+def _create_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
+                            saved: dict[str, Any]) -> None:
+    """Empty state tensors of the checkpoint's keys, laid out like their parameters, for
+    DCP to read into (a fresh optimizer has none until its first step)."""
+    groups = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    for name, param in model.named_parameters():
+        prefix = f"optim.{name}."
+        keys = [k[len(prefix):] for k in saved if k.startswith(prefix)]
+        if not keys:
+            raise CheckpointError(f"no optimizer state for parameter {name} in the checkpoint")
+        group = groups[id(param)]
+        on_device = group.get("fused") or group.get("capturable")
+        state = optimizer.state[param]
+        for key in keys:
+            shape = saved[prefix + key].size
+            if len(shape) == 0:
+                state[key] = torch.zeros((), dtype=torch.float32,
+                                         device=param.device if on_device else "cpu")
+            else:
+                state[key] = torch.zeros_like(param.detach())
 
 
-def _check_names(directory: Path, names: dict[str, nn.Parameter], dense: dict[str, Any],
-                 expert_names: set[str]) -> None:
-    expected = set(names)
-    found = set(dense) | expert_names
+def _check_parameters(directory: Path, state: dict[str, Tensor], saved: dict[str, Any]) -> None:
+    expected = {k for k in state}
+    found = {k for k in saved if k.startswith("model.")}
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
+        strip = [k.removeprefix("model.") for k in missing[:5]]
+        extra = [k.removeprefix("model.") for k in unexpected[:5]]
         raise CheckpointError(f"{directory}: checkpoint of another model: missing parameters "
-                              f"{missing[:5]}, unexpected parameters {unexpected[:5]}")
+                              f"{strip}, unexpected parameters {extra}")
+    for key, tensor in state.items():
+        meta = saved[key]
+        if not isinstance(meta, TensorStorageMetadata) or meta.size != tensor.shape:
+            size = tuple(meta.size) if isinstance(meta, TensorStorageMetadata) else "(not a tensor)"
+            raise CheckpointError(f"{directory}: parameter {key.removeprefix('model.')} has shape "
+                                  f"{size} in the checkpoint but {tuple(tensor.shape)} in the model")
 
 
-def _check_shape(directory: Path, name: str, saved: Tensor, param: Tensor) -> None:
-    if saved.shape != param.shape:
-        raise CheckpointError(f"{directory}: parameter {name} has shape {tuple(saved.shape)} in "
-                              f"the checkpoint but {tuple(param.shape)} in the model")
-
-
-def _num_experts(model: nn.Module, param_name: str) -> int:
-    return model.get_submodule(param_name.split(".experts.")[0]).num_experts
+def _first_failure(err: CheckpointException) -> str:
+    """The first rank's exception (DCP pairs each with its traceback)."""
+    failures = list(err.failures.values())
+    if not failures:
+        return str(err)
+    first = failures[0]
+    return str(first[0] if isinstance(first, tuple) else first)

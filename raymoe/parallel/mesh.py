@@ -1,16 +1,25 @@
-"""Every process group raymoe uses, derived once from (world size, EP size).
+"""Every process group raymoe uses, derived once from (world size, EP size), with names.
 
-Ranks are laid out as DeepSpeed does: expert-parallel (EP) groups are blocks of
-contiguous ranks, [0..ep-1], [ep..2ep-1], ...; rank r holds the experts
+All ranks are data-parallel ranks (each reads its own part of the global batch). Ranks
+are laid out as DeepSpeed does: expert-parallel (EP) groups are blocks of contiguous
+ranks, [0..ep-1], [ep..2ep-1], ...; rank r holds the experts
 [ep_rank * E/ep, (ep_rank + 1) * E/ep). Ranks holding the same experts (r, r + ep, ...)
-form an expert-data-parallel group, over which those experts' gradients are reduced.
+form an expert-data-parallel (EDP) group, over which those experts' gradients are
+reduced and, with sharding, their parameters sharded.
+
+The groups live in two torch DeviceMeshes: ``dp_mesh`` (1-D, every rank: dense
+parameters are sharded over it) and ``expert_mesh`` (2-D, dims ("ep", "edp"): dim "ep"
+splits the experts, dim "edp" replicates or shards each block of them). Code asks the
+Mesh for a role (dp_rank, ep_group, edp_size, ...), never for the global rank.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh
 
 from raymoe.model.moe import ExpertExchange, LocalExchange
 
@@ -28,6 +37,10 @@ class MeshLayout:
                              f"{self.world_size}")
 
     @property
+    def edp_size(self) -> int:
+        return self.world_size // self.ep_size
+
+    @property
     def ep_groups(self) -> list[list[int]]:
         return [list(range(s, s + self.ep_size)) for s in range(0, self.world_size, self.ep_size)]
 
@@ -38,6 +51,13 @@ class MeshLayout:
     def ep_rank(self, rank: int) -> int:
         return rank % self.ep_size
 
+    def edp_rank(self, rank: int) -> int:
+        return rank // self.ep_size
+
+    def expert_mesh_ranks(self) -> torch.Tensor:
+        """Global ranks as an (ep, edp) grid: row i is the EDP group of EP rank i."""
+        return torch.arange(self.world_size).view(self.edp_size, self.ep_size).T
+
     def global_expert_ids(self, rank: int, num_experts: int) -> range:
         if num_experts % self.ep_size:
             raise ValueError(f"{num_experts} experts do not split over EP size {self.ep_size}")
@@ -47,11 +67,11 @@ class MeshLayout:
 
 
 class Mesh:
-    """This rank's view of the layout, with its process groups.
+    """This rank's roles in the layout, with its process groups and device meshes.
 
-    With one process (no default group) only ep_size=1 is possible and no group exists.
-    All ranks must construct their Mesh objects in the same order: ``new_group`` is
-    collective.
+    With one process (no default group) only ep_size=1 is possible and no group or
+    device mesh exists. All ranks must construct their Mesh objects in the same order:
+    creating groups is collective.
     """
 
     def __init__(self, ep_size: int = 1):
@@ -61,23 +81,29 @@ class Mesh:
             world_size, rank = 1, 0
         self.layout = MeshLayout(world_size, ep_size)
         self.rank = rank
+        self.dp_mesh: DeviceMesh | None = None
+        self.expert_mesh: DeviceMesh | None = None
         self.ep_group: dist.ProcessGroup | None = None
         self.expert_dp_group: dist.ProcessGroup | None = None
         if world_size > 1:
-            self.ep_group = self._own_group(self.layout.ep_groups)
-            self.expert_dp_group = self._own_group(self.layout.expert_dp_groups)
-
-    def _own_group(self, groups: list[list[int]]) -> dist.ProcessGroup:
-        own = None
-        for ranks in groups:
-            group = dist.new_group(ranks)  # every rank takes part in every new_group call
-            if self.rank in ranks:
-                own = group
-        assert own is not None
-        return own
+            device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+            self.dp_mesh = DeviceMesh(device_type, torch.arange(world_size), mesh_dim_names=("dp",))
+            self.expert_mesh = DeviceMesh(device_type, self.layout.expert_mesh_ranks(),
+                                          mesh_dim_names=("ep", "edp"))
+            self.ep_group = self.expert_mesh.get_group("ep")
+            self.expert_dp_group = self.expert_mesh.get_group("edp")
 
     @property
     def world_size(self) -> int:
+        return self.layout.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        """Which part of the global batch this rank reads (every rank is data-parallel)."""
+        return self.rank
+
+    @property
+    def dp_size(self) -> int:
         return self.layout.world_size
 
     @property
@@ -87,6 +113,15 @@ class Mesh:
     @property
     def ep_rank(self) -> int:
         return self.layout.ep_rank(self.rank)
+
+    @property
+    def edp_size(self) -> int:
+        """Ranks holding the same experts."""
+        return self.layout.edp_size
+
+    @property
+    def edp_rank(self) -> int:
+        return self.layout.edp_rank(self.rank)
 
     @property
     def is_distributed(self) -> bool:

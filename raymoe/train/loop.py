@@ -32,6 +32,7 @@ from raymoe.parallel.checkpoint import (
     step_directory,
 )
 from raymoe.runs import complete_checkpoints, latest_checkpoint
+from raymoe.parallel.shard import shard_model
 from raymoe.train.metrics import MetricsWriter, StepTimer, step_metrics
 from raymoe.train.optim import build_optimizer, learning_rate, set_learning_rate
 from raymoe.train.preflight import open_training_data
@@ -91,10 +92,13 @@ class Trainer:
                  metrics_uri: str | Path | None = None, log=print):
         self.cfg, self.hooks, self.device, self.log = cfg, hooks, device, log
         self.mesh = Mesh(cfg.parallel.ep_size)
-        self.rank, self.world = self.mesh.rank, self.mesh.world_size
+        self.rank, self.world = self.mesh.dp_rank, self.mesh.dp_size
+        """This rank's part of every batch, and how many parts there are."""
         torch.manual_seed(cfg.train.seed)  # same dense init on every rank
         self.model = GPT(cfg.model, self.mesh.expert_exchange()).to(device)
-        self.optimizer = build_optimizer(self.model, cfg.optim)
+        if cfg.parallel.shard == "fsdp":
+            shard_model(self.model, self.mesh, autocast_dtype(device), cfg.parallel.reduce_dtype)
+        self.optimizer = build_optimizer(self.model, cfg.optim, fused=device.type == "cuda")
         self.blend = open_training_data(cfg)
         self.dataset = self.blend.first
         self.tokenizer_json = (self.dataset.root.join(TOKENIZER_FILE).read_bytes()
@@ -167,7 +171,7 @@ class Trainer:
         if self.rank == 0:
             self.log(f"training {cfg.name}: {self.model.num_parameters():,} parameters "
                      f"({self.model.num_parameters(active_only=True):,} active), "
-                     f"{self.world} workers, EP {cfg.parallel.ep_size}, "
+                     f"{self.world} workers, EP {cfg.parallel.ep_size}, shard {cfg.parallel.shard}, "
                      f"{self.accumulation} micro-batches of {t.micro_batch} per worker and step")
         while not self._done():
             lr = learning_rate(self.tokens, cfg.optim)

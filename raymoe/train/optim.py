@@ -10,9 +10,10 @@ from torch import nn
 from raymoe.config import OptimConfig
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, cfg: OptimConfig, fused: bool = False) -> torch.optim.AdamW:
     """Weight decay on weight matrices (embeddings, projections, experts); none on biases
-    and LayerNorms."""
+    and LayerNorms. ``fused``: one kernel per step on GPU (build after sharding, so that
+    the optimizer holds the sharded parameters)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for name, param in model.named_parameters():
@@ -21,7 +22,7 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
         (decay if is_matrix else no_decay).append(param)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=cfg.eps, fused=fused or None)
 
 
 def learning_rate(tokens_seen: int, cfg: OptimConfig) -> float:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from raymoe.model import GPT
-from raymoe.parallel.grads import global_grad_norm, reduce_gradients, scale_gradients
+from raymoe.parallel.grads import global_grad_norm, local_grad, reduce_gradients, scale_gradients
 from raymoe.parallel.mesh import Mesh
 
 
@@ -78,7 +78,7 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, mesh: Mesh,
         if grad_clip > 0:
             scale_gradients(model, grad_clip, norm)
         optimizer.step()
-    optimizer.zero_grad(set_to_none=False)  # experts accumulate into .grad in place
+    optimizer.zero_grad(set_to_none=False)  # the expert FFN reuses gradient buffers
     return result
 
 
@@ -89,7 +89,8 @@ def _diagnose(model: GPT, result: StepResult) -> str:
         if layer.last_stats is not None and not torch.isfinite(layer.last_stats.l_aux):
             parts.append(f"MoE layer {i} (blocks.{_block_index(model, layer)}) l_aux is not finite")
     for name, param in model.named_parameters():
-        if param.grad is not None and not torch.isfinite(param.grad).all():
+        grad = local_grad(param)  # a sharded gradient's own slice: no collective
+        if grad is not None and not torch.isfinite(grad).all():
             parts.append(f"first non-finite gradient on this rank: {name}")
             break
     return "; ".join(parts)

@@ -1,0 +1,102 @@
+"""Sharded data parallelism (FSDP2) with expert parallelism on real gloo process groups:
+a sharded step equals the one-process step on the same global batch (loss, gradient
+norm, every updated parameter) at several (world, EP) sizes, with and without dropped
+tokens, clipping active, with gradient accumulation, with and without activation
+checkpointing; and each rank holds about 1/N of the parameters and optimizer states."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from multiproc import run_distributed
+from test_expert_parallel import build, global_batch, shards, tiny_config
+
+from raymoe.config import load_config
+from raymoe.parallel import Mesh
+from raymoe.parallel.shard import is_sharded, shard_model
+from raymoe.train.optim import build_optimizer
+from raymoe.train.step import train_step
+
+ACCUMULATION = 2  # micro-batches per rank and step
+
+
+def full_params(model) -> dict[str, torch.Tensor]:
+    """Every parameter gathered whole (experts: this EP rank's block); collective."""
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters()}
+
+
+def local_bytes(model, opt) -> tuple[int, int]:
+    """(parameter bytes, optimizer-state bytes) this rank holds."""
+    def local(t):
+        return t.to_local() if hasattr(t, "to_local") else t
+    params = sum(local(p).nbytes for p in model.parameters())
+    states = sum(local(v).nbytes for p in model.parameters() for v in opt.state[p].values()
+                 if v.ndim > 0)
+    return params, states
+
+
+def sharded_steps_worker(rank: int, world: int, ep_sizes: list[int], checkpointing: bool) -> dict:
+    results = {}
+    for ep in ep_sizes:
+        mesh = Mesh(ep)
+        for drop in (True, False):
+            cfg = tiny_config(drop)
+            cfg.model.activation_checkpointing = checkpointing
+            model, _ = build(cfg, mesh)
+            shard_model(model, mesh)
+            assert is_sharded(model)
+            opt = build_optimizer(model, cfg.optim)
+            mine = shards(global_batch(cfg, 1), world * ACCUMULATION)[rank * ACCUMULATION:
+                                                                      (rank + 1) * ACCUMULATION]
+            step = train_step(model, opt, mesh, mine, cfg.optim.grad_clip)
+            results[(ep, drop)] = {"step": step, "params": full_params(model),
+                                   "experts": list(mesh.global_expert_ids(cfg.model.moe.num_experts)),
+                                   "bytes": local_bytes(model, opt)}
+    return results
+
+
+def reference(drop: bool, micro_batches: int):
+    cfg = tiny_config(drop)
+    mesh = Mesh(1)
+    model, opt = build(cfg, mesh)
+    step = train_step(model, opt, mesh, shards(global_batch(cfg, 1), micro_batches), cfg.optim.grad_clip)
+    return step, {n: p.detach().clone() for n, p in model.named_parameters()}, local_bytes(model, opt)
+
+
+def assert_sharded_matches_reference(results: list[dict], ep: int) -> None:
+    world = len(results)
+    for drop in (True, False):
+        ref_step, ref_params, (ref_param_bytes, ref_state_bytes) = reference(drop, world * ACCUMULATION)
+        assert ref_step.grad_norm > 0.05, "the clip must be active for this test to mean anything"
+        assert not drop or max(ref_step.dropped_fraction) > 0, "some tokens must be dropped"
+        for got in (r[(ep, drop)] for r in results):
+            assert got["step"].loss == pytest.approx(ref_step.loss, abs=1e-5)
+            assert got["step"].grad_norm == pytest.approx(ref_step.grad_norm, rel=1e-5)
+            ids = got["experts"]
+            for name, value in got["params"].items():
+                expected = ref_params[name][ids[0]:ids[-1] + 1] if ".experts." in name else ref_params[name]
+                assert torch.allclose(value, expected, atol=1e-5), (world, ep, drop, name)
+            param_bytes, state_bytes = got["bytes"]  # 1/N of the whole model, up to padding
+            assert param_bytes == pytest.approx(ref_param_bytes / world, rel=0.05)
+            assert state_bytes == pytest.approx(ref_state_bytes / world, rel=0.05)
+
+
+def test_sharded_step_with_activation_checkpointing_equals_one_process_at_world_2(tmp_path):
+    results = run_distributed(sharded_steps_worker, 2, tmp_path, [1], True)
+    assert_sharded_matches_reference(results, 1)
+
+
+def test_sharded_step_equals_one_process_at_world_4_ep_2_and_4(tmp_path):
+    results = run_distributed(sharded_steps_worker, 4, tmp_path, [2, 4], False)
+    for ep in (2, 4):
+        assert_sharded_matches_reference(results, ep)
+
+
+def test_reference_presets_shard_and_checkpoint_activations_the_tiny_ones_do_not():
+    for name in ("gpt-350m", "gpt-1.3b", "gpt-6.7b", "gpt-350m-moe128", "gpt-1.3b-moe128"):
+        cfg = load_config(name)
+        assert cfg.parallel.shard == "fsdp" and cfg.model.activation_checkpointing, name
+    for name in ("tiny", "tiny-moe8"):
+        cfg = load_config(name)
+        assert cfg.parallel.shard == "none" and not cfg.model.activation_checkpointing, name
