@@ -33,7 +33,7 @@ from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from raymoe.data.storage import locate
 from raymoe.errors import RaymoeError
-from raymoe.model.moe import is_expert_parameter
+from raymoe.model.moe import MoELayer, is_expert_parameter
 from raymoe.parallel.mesh import Mesh
 from raymoe.parallel.shard import is_sharded
 
@@ -75,7 +75,9 @@ def _global_tensor(name: str, tensor: Tensor, model: nn.Module, mesh: Mesh) -> T
     """
     if not is_expert_parameter(name) or not mesh.is_distributed:
         return tensor
-    num_experts = int(model.get_submodule(name.split(".experts.")[0]).num_experts)
+    layer = model.get_submodule(name.split(".experts.")[0])
+    assert isinstance(layer, MoELayer)
+    num_experts = layer.num_experts
     if isinstance(tensor, DTensor):
         local, inner = tensor.to_local(), tensor.placements[0]
         block = tensor.shape

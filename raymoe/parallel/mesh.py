@@ -136,4 +136,5 @@ class Mesh:
             return LocalExchange()
         from raymoe.parallel.exchange import ProcessGroupExchange
 
+        assert self.ep_group is not None
         return ProcessGroupExchange(self.ep_group, self.ep_size, self.ep_rank)

@@ -63,7 +63,7 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, mesh: Mesh,
     reduce_gradients(model, mesh)
     norm = global_grad_norm(model, mesh)
     # float64 holds counts exactly up to 2**53: one tensor, one all-reduce, one host read.
-    summary = torch.cat([means.double() / mesh.world_size, counts.flatten().double()])
+    summary = torch.cat([means.double() / mesh.dp_size, counts.flatten().double()])
     if mesh.is_distributed:
         dist.all_reduce(summary)
     host = torch.cat([summary, norm.double().reshape(1)]).tolist()  # the step's host sync
