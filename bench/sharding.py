@@ -1,6 +1,7 @@
 """Sharded data parallelism on 4 processes (gloo, CPU): per-rank peak memory and tokens/s
 of training steps of a small MoE GPT with shard none against shard fsdp (FSDP2), at the
-same global batch and EP size, and their ratios.
+same global batch and EP size, their ratios, and the planner's predicted peaks
+(raymoe.plan.estimate_memory for fp32 on CPU at 4 workers) beside the measurements.
 
 Per-rank peak = the bytes the rank holds between steps (its parameters, gradients and
 AdamW states, as local tensors) + the most torch allocated on top of them during one step
@@ -28,10 +29,11 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raymoe.config import load_config  # noqa: E402
+from raymoe.config import Config, load_config  # noqa: E402
 from raymoe.model import GPT  # noqa: E402
 from raymoe.parallel import Mesh  # noqa: E402
 from raymoe.parallel.shard import shard_model  # noqa: E402
+from raymoe.plan import estimate_memory  # noqa: E402
 from raymoe.train.optim import build_optimizer  # noqa: E402
 from raymoe.train.step import train_step  # noqa: E402
 
@@ -66,14 +68,20 @@ def transient_peak_bytes(run_step) -> int:
     return max(e["Total Allocated"] for e in events) - start
 
 
+def bench_config(args: argparse.Namespace, shard: str = "none") -> Config:
+    return load_config("tiny-moe8", [
+        f"model.moe.num_experts={args.experts}", f"model.d_model={args.d_model}",
+        "model.seq_len=256", f"parallel.ep_size={args.ep}", f"parallel.num_workers={WORLD}",
+        f"parallel.shard={shard}", f"train.micro_batch={args.micro_batch}",
+        f"train.global_batch={args.micro_batch * WORLD}"])
+
+
 def run(rank: int, port: int, args: argparse.Namespace, results) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
-    cfg = load_config("tiny-moe8", [f"model.moe.num_experts={args.experts}",
-                                    f"model.d_model={args.d_model}", "model.seq_len=256",
-                                    f"parallel.ep_size={args.ep}", f"parallel.num_workers={WORLD}"])
+    cfg = bench_config(args)
     mesh = Mesh(args.ep)
     g = torch.Generator().manual_seed(rank)
     out = {}
@@ -135,12 +143,15 @@ def main() -> None:
     print(f"sharding on {WORLD} gloo processes, tiny-moe8 at d_model {args.d_model}, "
           f"{args.experts} experts, EP {args.ep}, seq 256, micro-batch {args.micro_batch}, "
           f"{out['params']:,} parameters, median of {args.steps} steps")
-    print(f"{'shard':>6} {'peak MiB/rank':>14} {'tokens/s':>9}")
+    predicted = {shard: estimate_memory(bench_config(args, shard), gpu="cpu", workers=WORLD).peak
+                 for shard in ("none", "fsdp")}
+    print(f"{'shard':>6} {'peak MiB/rank':>14} {'planner MiB':>12} {'tokens/s':>9}")
     for name, row in (("none", none), ("fsdp", fsdp)):
-        print(f"{name:>6} {row['peak'] / 2**20:>14.1f} {row['tokens_per_s']:>9.0f}")
-    print(f"fsdp/none: peak memory {fsdp['peak'] / none['peak']:.3f}, "
+        print(f"{name:>6} {row['peak'] / 2**20:>14.1f} {predicted[name] / 2**20:>12.1f} "
+              f"{row['tokens_per_s']:>9.0f}")
+    print(f"fsdp/none: peak memory {fsdp['peak'] / none['peak']:.3f} "
+          f"(planner {predicted['fsdp'] / predicted['none']:.3f}), "
           f"tokens/s {fsdp['tokens_per_s'] / none['tokens_per_s']:.3f}")
-    print("planner predictions: not shown (raymoe.plan is not on main yet)")
 
 
 if __name__ == "__main__":
