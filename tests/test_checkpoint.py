@@ -17,12 +17,9 @@ from raymoe.parallel.checkpoint import (
     save_checkpoint,
     step_directory,
 )
-<<<<<<< HEAD
-from raymoe.runs import latest_checkpoint
-=======
 from raymoe.parallel.shard import shard_model
+from raymoe.runs import latest_checkpoint
 from raymoe.train.optim import build_optimizer
->>>>>>> ca1df7d (Sharded data parallelism with expert parallelism: FSDP2 over the Mesh's named device meshes (dense over all ranks, experts over their expert-data-parallel group, divide factors that keep the gradient exact), expert FFN gradients through autograd, shard-agnostic checkpoints with torch.distributed.checkpoint, fsdp and activation checkpointing in the reference presets, fused AdamW on GPU)
 from raymoe.train.step import train_step
 
 NO_DROP = False  # without dropping, capacity (a function of local tokens) cannot matter
@@ -72,18 +69,6 @@ def train_save_continue(rank: int, world: int, ep: int, shard: str, root: str) -
             "losses": continue_training(model, opt, mesh, cfg, rank, world)}
 
 
-<<<<<<< HEAD
-def load_and_continue(rank: int, world: int, ep: int, root: str) -> dict:
-    cfg = tiny_config(NO_DROP)
-    mesh = Mesh(ep)
-    torch.manual_seed(123)  # other weights: the load must overwrite them all
-    model, opt = build(cfg, mesh)
-    extra = load_checkpoint(latest_checkpoint(str(root)), model, mesh, opt)
-    loaded = {"params": {n: p.detach().clone() for n, p in model.named_parameters()},
-              "optim": optimizer_state(model, opt),
-              "experts": list(mesh.global_expert_ids(cfg.model.moe.num_experts)), "extra": extra}
-    return {"loaded": loaded, "losses": continue_training(model, opt, mesh, cfg, rank, world)}
-=======
 def load_and_continue(rank: int, world: int, ep: int, shard: str, root: str,
                       resave_to: str | None = None) -> dict:
     """Load into other weights (the load must overwrite them all), optionally save again
@@ -94,7 +79,6 @@ def load_and_continue(rank: int, world: int, ep: int, shard: str, root: str,
         save_checkpoint(step_directory(resave_to, 2), model, mesh, opt, extra=extra)
     return {"loaded": snapshot(model, opt, mesh) | {"extra": extra},
             "losses": continue_training(model, opt, mesh, cfg, rank, world)}
->>>>>>> ca1df7d (Sharded data parallelism with expert parallelism: FSDP2 over the Mesh's named device meshes (dense over all ranks, experts over their expert-data-parallel group, divide factors that keep the gradient exact), expert FFN gradients through autograd, shard-agnostic checkpoints with torch.distributed.checkpoint, fsdp and activation checkpointing in the reference presets, fused AdamW on GPU)
 
 
 def full_view(rank_states: list[dict], key: str) -> dict[str, dict]:

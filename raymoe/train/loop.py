@@ -31,8 +31,8 @@ from raymoe.parallel.checkpoint import (
     save_checkpoint,
     step_directory,
 )
-from raymoe.runs import complete_checkpoints, latest_checkpoint
 from raymoe.parallel.shard import shard_model
+from raymoe.runs import complete_checkpoints, latest_checkpoint
 from raymoe.train.metrics import MetricsWriter, StepTimer, step_metrics
 from raymoe.train.optim import build_optimizer, learning_rate, set_learning_rate
 from raymoe.train.preflight import open_training_data
