@@ -28,6 +28,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -103,7 +104,9 @@ def split_text(text: str, doc_chars: int) -> list[str]:
     """Pieces of about doc_chars characters, cut at paragraph breaks (0: the whole text)."""
     if doc_chars <= 0 or len(text) <= doc_chars:
         return [text]
-    pieces, current, size = [], [], 0
+    pieces: list[str] = []
+    current: list[str] = []
+    size = 0
     for paragraph in text.split("\n\n"):
         if current and size + len(paragraph) > doc_chars:
             pieces.append("\n\n".join(current))
@@ -316,16 +319,16 @@ def prepare(options: PrepareOptions, log: Callable[[str], None] = print) -> dict
     ctx = ray.data.DataContext.get_current()
     ctx.raise_original_map_exception = True  # keep our errors
     ctx.execution_options.preserve_order = True  # leftovers arrive in a reproducible order
-    ds = ray.data.from_items([{"uri": f} for f in files], override_num_blocks=min(len(files), 256))
-    ds = ds.flat_map(_documents_stage, fn_kwargs={"text_field": options.text_field,
-                                                  "doc_chars": options.doc_chars})
-    ds = ds.map_batches(_tokenize_stage, batch_size=4, batch_format="numpy",
-                        fn_kwargs={"spec": tokenizer.spec, "json_text": json_text,
-                                   "seed": options.seed, "val_fraction": options.val_fraction})
-    ds = ds.map_batches(_pack_stage, batch_size=PACK_DOCUMENTS, batch_format="numpy",
-                        fn_kwargs={"seq_len": options.seq_len, "dtype": dtype.name})
-    ds = ds.map_batches(_write_stage, batch_size=shard_sequences, batch_format="numpy",
-                        fn_kwargs={"root": options.output, "row_group_sequences": row_group_sequences})
+    ds: ray.data.Dataset = ray.data.from_items([{"uri": f} for f in files],
+                                               override_num_blocks=min(len(files), 256))
+    ds = ds.flat_map(partial(_documents_stage, text_field=options.text_field, doc_chars=options.doc_chars))
+    ds = ds.map_batches(partial(_tokenize_stage, spec=tokenizer.spec, json_text=json_text,
+                                seed=options.seed, val_fraction=options.val_fraction),
+                        batch_size=4, batch_format="numpy")
+    ds = ds.map_batches(partial(_pack_stage, seq_len=options.seq_len, dtype=dtype.name),
+                        batch_size=PACK_DOCUMENTS, batch_format="numpy")
+    ds = ds.map_batches(partial(_write_stage, root=options.output, row_group_sequences=row_group_sequences),
+                        batch_size=shard_sequences, batch_format="numpy")
     totals = {split: {"documents": 0, "tokens": 0, "sequences": 0, "dropped_tokens": 0}
               for split in SPLITS}
     packers = {split: SplitPacker(root, split, options.seq_len, shard_sequences, row_group_sequences)

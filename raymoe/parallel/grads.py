@@ -32,7 +32,8 @@ from raymoe.parallel.shard import is_sharded
 
 def split_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """(dense, expert) parameters that train, in a stable order."""
-    dense, expert = [], []
+    dense: list[nn.Parameter] = []
+    expert: list[nn.Parameter] = []
     for name, param in model.named_parameters():
         if param.requires_grad:
             (expert if is_expert_parameter(name) else dense).append(param)
