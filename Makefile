@@ -29,7 +29,7 @@ demo: $(STAMP)
 # the plot the README shows.
 study: $(STAMP)
 	$(VENV)/bin/raymoe compare jobs/configs/study-tiny.yaml
-	cp runs/study-tiny/validation_loss.png docs/study-tiny.png
+	mkdir -p docs && cp runs/study-tiny/validation_loss.png docs/study-tiny.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q
