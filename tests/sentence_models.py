@@ -42,7 +42,7 @@ def _batch(rng: random.Random, batch: int, length: int) -> torch.Tensor:
     return torch.tensor(rows)
 
 
-def train_sentence_model(cfg: Config, steps: int = 300) -> GPT:
+def train_sentence_model(cfg: Config, steps: int = 450) -> GPT:
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

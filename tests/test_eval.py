@@ -20,7 +20,7 @@ from raymoe.eval.runner import evaluate_checkpoint
 from raymoe.eval.scoring import Scorer
 from raymoe.eval.tasks import TASKS, ChoiceExample, EvalDataError, load_examples
 from raymoe.model.generation import Sampling, generate
-from raymoe.parallel.checkpoint import CheckpointError
+from raymoe.parallel.checkpoint import FORMAT, CheckpointError
 
 
 @pytest.fixture(params=[0, 4], ids=["dense", "moe4"])
@@ -288,7 +288,7 @@ def test_a_missing_or_foreign_checkpoint_is_named(tmp_path, sentence_run):
         load_model(str(tmp_path / "empty"))
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    (foreign / "manifest.json").write_text(json.dumps({"format": "raymoe-checkpoint/1", "extra": {}}))
+    (foreign / "manifest.json").write_text(json.dumps({"format": FORMAT, "extra": {}}))
     with pytest.raises(CheckpointError, match="foreign: the manifest holds no model config"):
         load_model(str(foreign))
 

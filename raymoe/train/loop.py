@@ -250,6 +250,8 @@ class Trainer:
 
     def save(self) -> Path:
         directory = self.hooks.new_checkpoint_dir(self.step)
+        directory.mkdir(parents=True, exist_ok=True)  # before rank 0's file; a failure here would
+        # leave the other ranks waiting in save_checkpoint's collectives
         if self.tokenizer_json is not None and self.rank == 0:
             (directory / TOKENIZER_FILE).write_bytes(self.tokenizer_json)
         extra = {"step": self.step, "tokens": self.tokens, "skipped": self.skipped,
