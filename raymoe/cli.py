@@ -166,6 +166,9 @@ def cmd_eval(args: argparse.Namespace) -> None:
     files = dict(_key_value(item, "--task-file") for item in args.task_file)
     options = EvalOptions(tasks, args.data_dir, files, args.limit, args.batch_size,
                           use_cache=not args.no_cache, max_new_tokens=args.max_new_tokens)
+    if args.ep or args.replicas:
+        _eval_sharded(args, options)
+        return
     workers = 0
     if args.ray:
         import ray
@@ -176,10 +179,38 @@ def cmd_eval(args: argparse.Namespace) -> None:
     results = evaluate_checkpoint(args.checkpoint, options, workers=workers,
                                   cpus_per_worker=args.cpus_per_worker, tokenizer=args.tokenizer,
                                   device=args.device)
+    _print_results(results, args.out)
+
+
+def _print_results(results, out: str | None) -> None:
     print(results.table())
-    out = args.out or f"eval-step{results.step}.json"
+    if results.resident is not None:
+        from raymoe.infer.group import format_resident
+
+        print(format_resident(results.resident))
+    out = out or f"eval-step{results.step}.json"
     results.save(out)
     print(f"{results.checkpoint} (step {results.step}): {results.seconds:.1f}s; results in {out}")
+
+
+def _group_options(args: argparse.Namespace):
+    from raymoe.infer.group import GroupOptions
+
+    return GroupOptions(args.ep or 1, getattr(args, "replicas", None) or 1, args.cpus_per_rank,
+                        args.device, args.tokenizer)
+
+
+def _eval_sharded(args: argparse.Namespace, options) -> None:
+    from raymoe.eval.loading import checkpoint_manifest
+    from raymoe.infer.evaluate import evaluate_sharded
+    from raymoe.infer.group import check_group_shape
+
+    group = _group_options(args)
+    check_group_shape(checkpoint_manifest(args.checkpoint), group.ep, group.replicas)  # before Ray
+    connect_ray(args.address)
+    print(f"scoring on {group.replicas} group(s) of {group.ep} Ray actors of "
+          f"{group.cpus_per_rank:g} CPU", file=sys.stderr)
+    _print_results(evaluate_sharded(args.checkpoint, options, group), args.out)
 
 
 def _key_value(item: str, flag: str) -> tuple[str, str]:
@@ -198,8 +229,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
     from raymoe.model.generation import Sampling, generate
     from raymoe.model.precision import autocast
 
-    loaded = load_model(args.checkpoint, args.device, args.tokenizer)
     sampling = Sampling(0.0 if args.greedy else args.temperature, args.top_k, args.top_p)
+    if args.ep:
+        _generate_sharded(args, sampling)
+        return
+    loaded = load_model(args.checkpoint, args.device, args.tokenizer)
     tokenizer = loaded.tokenizer
     prompt = tokenizer.encode_batch([args.prompt])[0] or [tokenizer.eot_id]
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -215,6 +249,33 @@ def cmd_generate(args: argparse.Namespace) -> None:
         print(args.prompt + tokenizer.decode(t for t in tokens if t != tokenizer.eot_id))
     count = sum(len(t) for t in outputs)
     print(f"{count} tokens in {seconds:.2f}s ({count / max(seconds, 1e-9):.1f} tokens/s)", file=sys.stderr)
+
+
+def _generate_sharded(args: argparse.Namespace, sampling) -> None:
+    import time
+
+    from raymoe.eval.loading import checkpoint_manifest
+    from raymoe.infer.group import InferenceGroups, check_group_shape, format_resident
+
+    if args.no_cache:
+        raise RaymoeError("--no-cache: not available with --ep (the group decodes with its KV cache)")
+    group = _group_options(args)
+    manifest = checkpoint_manifest(args.checkpoint)
+    check_group_shape(manifest, group.ep)  # before Ray
+    connect_ray(args.address)
+    with InferenceGroups(manifest["uri"], group) as groups:
+        start = time.monotonic()
+        tokens = groups.generate_tokens(groups.encode([args.prompt]) * args.num_samples,
+                                        args.max_new_tokens, sampling, args.seed)
+        seconds = time.monotonic() - start
+        for i, text in enumerate(groups.decode(tokens)):
+            if args.num_samples > 1:
+                print(f"--- sample {i + 1}")
+            print(args.prompt + text)
+        print(format_resident(groups.resident))
+    count = sum(len(t) for t in tokens)
+    print(f"{count} tokens in {seconds:.2f}s ({count / max(seconds, 1e-9):.1f} tokens/s) on "
+          f"{group.ep} Ray actors", file=sys.stderr)
 
 
 def cmd_export(args: argparse.Namespace) -> None:
@@ -296,6 +357,14 @@ def add_wait_options(command: argparse.ArgumentParser) -> None:
                       help="fail at once, naming the numbers, when the cluster is too small")
     command.add_argument("--timeout", type=float, default=1800.0,
                          help="seconds to wait for the worker group's nodes (default 1800)")
+
+
+def _add_group_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--ep", type=int, default=None,
+                        help="spread the experts over a group of this many Ray actors "
+                             "(each holds the dense part and 1/N of the experts)")
+    parser.add_argument("--cpus-per-rank", type=float, default=1.0,
+                        help="with --ep: CPUs of each actor of the group")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -383,6 +452,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--address", default=None, help="Ray cluster address (default: local)")
     evaluate.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer")
     evaluate.add_argument("--device", default="cpu", help="cpu or cuda")
+    _add_group_arguments(evaluate)
+    evaluate.add_argument("--replicas", type=int, default=None,
+                          help="groups of --ep actors that split the examples (Ray)")
     evaluate.set_defaults(func=cmd_eval)
 
     gen = sub.add_parser("generate", help="generate text from a checkpoint (KV cache)")
@@ -398,6 +470,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--no-cache", action="store_true", help="recompute every step (slow)")
     gen.add_argument("--tokenizer", default=None, help="override the checkpoint's tokenizer")
     gen.add_argument("--device", default="cpu")
+    gen.add_argument("--address", default=None, help="with --ep: Ray cluster address (default: local)")
+    _add_group_arguments(gen)
     gen.set_defaults(func=cmd_generate)
 
     exp = sub.add_parser("export", help="a checkpoint as safetensors: dense as a Hugging Face "

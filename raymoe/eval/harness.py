@@ -7,9 +7,9 @@ import json
 import sys
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import cast
+from typing import TYPE_CHECKING, cast
 
 from raymoe.eval.metrics import (
     MetricResult,
@@ -31,6 +31,9 @@ from raymoe.eval.tasks import (
     task_file,
 )
 from raymoe.model.precision import autocast
+
+if TYPE_CHECKING:
+    from raymoe.infer.worker import ResidentBytes
 
 CHUNK = 32
 """Examples per unit of work: what one Ray worker scores at a time, and the progress step."""
@@ -120,13 +123,19 @@ class EvalResults:
     step: int
     metrics: list[MetricResult]
     seconds: float
+    resident: list[list[ResidentBytes]] | None = None
+    """Per inference group and rank, the parameter bytes it held (expert-parallel runs)."""
 
     def value(self, task: str, metric: str) -> float:
         return next(m.value for m in self.metrics if m.task == task and m.metric == metric)
 
     def to_dict(self) -> dict[str, object]:
-        return {"checkpoint": self.checkpoint, "step": self.step, "seconds": round(self.seconds, 2),
-                "results": [m.to_dict() for m in self.metrics]}
+        out: dict[str, object] = {"checkpoint": self.checkpoint, "step": self.step,
+                                  "seconds": round(self.seconds, 2),
+                                  "results": [m.to_dict() for m in self.metrics]}
+        if self.resident is not None:
+            out["parameter_bytes"] = [[asdict(r) for r in group] for group in self.resident]
+        return out
 
     def save(self, path: str | Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

@@ -43,12 +43,14 @@ def _download(uri: str) -> Path:
 
 
 def load_model(path: str, device: str | torch.device = "cpu",
-               tokenizer: str | None = None) -> LoadedModel:
+               tokenizer: str | None = None, mesh: Mesh | None = None) -> LoadedModel:
     """The model of checkpoint ``path`` on ``device``, ready for inference.
 
     ``tokenizer`` overrides the one recorded with the checkpoint ("gpt2", "bytes" or a
-    tokenizer.json).
+    tokenizer.json). ``mesh``: this rank's expert-parallel group (default: one process
+    holding every expert); the rank loads its own experts only.
     """
+    mesh = mesh or Mesh(1)
     uri = find_checkpoint(path)
     directory = _download(uri) if is_s3(uri) else Path(uri).expanduser()
     manifest = read_manifest(directory)
@@ -56,19 +58,19 @@ def load_model(path: str, device: str | torch.device = "cpu",
     if "config" not in extra:
         raise CheckpointError(f"{directory}: the manifest holds no model config "
                               "(not written by raymoe's trainer)")
-    cfg = inference_config(config_from_dict(extra["config"]))
-    model = GPT(cfg.model)
-    load_checkpoint(directory, model, Mesh(1))
+    cfg = inference_config(config_from_dict(extra["config"]), mesh.ep_size)
+    model = GPT(cfg.model, mesh.expert_exchange())
+    load_checkpoint(directory, model, mesh)
     model = model.to(device).eval()
     return LoadedModel(model, checkpoint_tokenizer(uri, extra, tokenizer), cfg, uri, directory,
                        int(extra.get("step", 0)))
 
 
-def inference_config(cfg: Config) -> Config:
-    """One process, no dropout, and MoE layers that drop no token (as the reference
-    evaluated its MoE models)."""
+def inference_config(cfg: Config, ep_size: int = 1) -> Config:
+    """One expert-parallel group, no dropout, and MoE layers that drop no token (as the
+    reference evaluated its MoE models)."""
     model = cfg.model
     moe = dataclasses.replace(model.moe, eval_drop_tokens=False)
     model = dataclasses.replace(model, dropout=0.0, activation_checkpointing=False, moe=moe)
-    parallel = dataclasses.replace(cfg.parallel, ep_size=1, num_workers=1)
+    parallel = dataclasses.replace(cfg.parallel, ep_size=ep_size, num_workers=ep_size)
     return dataclasses.replace(cfg, model=model, parallel=parallel)

@@ -1,0 +1,176 @@
+"""Inference groups on a Ray cluster: ``replicas`` groups of ``ep`` actors, each group a
+torch.distributed process group (gloo on CPU, NCCL on GPU) holding the whole model, its
+experts spread over the group's ranks. Groups share nothing: each has its own default
+process group in its own processes, and the examples are split between the groups."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from raymoe.config import config_from_dict
+from raymoe.errors import RaymoeError, root_cause
+from raymoe.eval.harness import Chunk, ChunkScorer, EvalOptions
+from raymoe.infer.worker import InferenceWorker, ResidentBytes
+from raymoe.model.generation import Sampling
+
+
+class InferenceSetupError(RaymoeError, ValueError):
+    """The EP size or replica count does not fit the checkpoint or the request."""
+
+
+def check_group_shape(manifest: dict[str, Any], ep: int, replicas: int = 1) -> None:
+    """Fail before any actor starts when ``ep`` cannot split the checkpoint's experts."""
+    if replicas < 1:
+        raise InferenceSetupError(f"--replicas {replicas}: expected at least 1")
+    if ep < 1:
+        raise InferenceSetupError(f"--ep {ep}: expected at least 1")
+    experts = config_from_dict(manifest["extra"]["config"]).model.moe.num_experts
+    if ep > 1 and not experts:
+        raise InferenceSetupError(f"--ep {ep}: {manifest['uri']} is a dense model, it has no "
+                                  "experts to spread (use --ep 1; --replicas for throughput)")
+    if experts % ep:
+        raise InferenceSetupError(f"--ep {ep}: must divide the checkpoint's {experts} experts "
+                                  f"per MoE layer ({manifest['uri']})")
+
+
+@dataclass
+class GroupOptions:
+    ep: int = 1
+    replicas: int = 1
+    cpus_per_rank: float = 1.0
+    device: str = "cpu"
+    tokenizer: str | None = None
+
+
+class InferenceGroup:
+    """One group's actors, placed together (a PACK placement group: one node when it fits,
+    which keeps the all-to-alls off the network)."""
+
+    def __init__(self, ep: int, options: GroupOptions):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        gpu = options.device.startswith("cuda")
+        bundle = {"CPU": options.cpus_per_rank, **({"GPU": 1} if gpu else {})}
+        self.placement = placement_group([bundle] * ep, strategy="PACK")
+        threads = max(int(options.cpus_per_rank), 1)
+        actor = ray.remote(InferenceWorker)
+        self.ranks: list[Any] = [actor.options(
+            num_cpus=options.cpus_per_rank, num_gpus=1 if gpu else 0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, i),
+        ).remote(i, ep, threads) for i in range(ep)]
+        self.resident: list[ResidentBytes] = []
+
+    def join(self, checkpoint: str, options: GroupOptions) -> list[Any]:
+        """Start forming the group and loading (ObjectRefs of each rank's ResidentBytes)."""
+        import ray
+
+        master = ray.get(self.ranks[0].address.remote())
+        return [r.join.remote(master, checkpoint, options.tokenizer, options.device)
+                for r in self.ranks]
+
+    def call(self, method: str, *args: Any) -> list[Any]:
+        """The same call on every rank (they run in lockstep); ObjectRefs of the results."""
+        return [getattr(r, method).remote(*args) for r in self.ranks]
+
+    def close(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        for r in self.ranks:
+            ray.kill(r)
+        remove_placement_group(self.placement)
+
+
+class InferenceGroups:
+    """``replicas`` groups of ``ep`` ranks serving checkpoint ``uri`` (a context manager:
+    leaving it frees the actors)."""
+
+    def __init__(self, uri: str, options: GroupOptions):
+        import ray
+
+        self.options = options
+        self.groups = [InferenceGroup(options.ep, options) for _ in range(options.replicas)]
+        try:
+            joins = [g.join(uri, options) for g in self.groups]  # groups load concurrently
+            for group, refs in zip(self.groups, joins, strict=True):
+                group.resident = ray.get(refs)
+        except ray.exceptions.RayError as err:
+            self.close()
+            raise root_cause(err) from None
+
+    def __enter__(self) -> InferenceGroups:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        for g in self.groups:
+            g.close()
+        self.groups = []
+
+    @property
+    def resident(self) -> list[list[ResidentBytes]]:
+        """Per group, per rank: the parameter bytes it holds."""
+        return [g.resident for g in self.groups]
+
+    def score(self, options: EvalOptions) -> ChunkScorer:
+        """Chunks go to whichever group is free; results come back in chunk order."""
+        import ray
+        from ray.util import ActorPool
+
+        def score(chunks: list[Chunk]) -> Iterator[list[dict[str, float]]]:
+            pool = ActorPool(self.groups)  # a group stands in for an actor: it returns refs
+            try:
+                for per_rank in pool.map(lambda g, chunk: g.call("score", chunk, options), chunks):
+                    yield per_rank[0]
+            except ray.exceptions.RayError as err:
+                raise root_cause(err) from None
+
+        return score
+
+    def generate(self, prompts: list[str], max_new_tokens: int, sampling: Sampling, seed: int = 0,
+                 stop_at_eot: bool = True) -> list[str]:
+        """Each prompt's continuation, on the first group."""
+        return self.decode(self.generate_tokens(self.encode(prompts), max_new_tokens, sampling,
+                                                seed, stop_at_eot))
+
+    def generate_tokens(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
+                        seed: int = 0, stop_at_eot: bool = True) -> list[list[int]]:
+        return self._first("generate", prompts, max_new_tokens, sampling, seed, stop_at_eot)
+
+    def encode(self, texts: list[str]) -> list[list[int]]:
+        import ray
+
+        return ray.get(self.groups[0].ranks[0].encode.remote(texts))
+
+    def decode(self, outputs: list[list[int]]) -> list[str]:
+        import ray
+
+        return ray.get(self.groups[0].ranks[0].decode.remote(outputs))
+
+    def _first(self, method: str, *args: Any) -> Any:
+        import ray
+
+        try:
+            return ray.get(self.groups[0].call(method, *args))[0]
+        except ray.exceptions.RayError as err:
+            raise root_cause(err) from None
+
+
+def format_resident(resident: list[list[ResidentBytes]]) -> str:
+    """One line per group: each rank's parameter bytes (dense + experts)."""
+    lines = []
+    for g, ranks in enumerate(resident):
+        per_rank = ", ".join(f"rank {r}: {_mib(b.total)} ({_mib(b.dense)} dense + "
+                             f"{_mib(b.experts)} experts)" for r, b in enumerate(ranks))
+        lines.append(f"group {g} parameter bytes: {per_rank}")
+    return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"

@@ -1,0 +1,104 @@
+"""Expert-parallel inference groups of Ray actors: the numbers and tokens of one process,
+from checkpoints written at EP 1 and EP 2, on tiny models whose answers are known."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from multiproc import run_distributed
+from sentence_models import SENTENCES, save_sentence_model, sentence_config
+from test_eval import sentence_tasks  # noqa: F401  (a fixture)
+
+from raymoe import cli
+from raymoe.eval import harness
+from raymoe.eval.harness import EvalOptions, evaluate
+from raymoe.eval.loading import checkpoint_manifest, load_model
+from raymoe.eval.runner import evaluate_checkpoint
+from raymoe.infer.group import GroupOptions, InferenceGroups
+from raymoe.infer.worker import resident_bytes
+from raymoe.model import GPT
+from raymoe.model.generation import Sampling, generate
+from raymoe.parallel.checkpoint import read_manifest, save_checkpoint, step_directory
+from raymoe.parallel.mesh import Mesh
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = [" ".join(s.split()[:2]) for s in SENTENCES[:3]] + ["h"]
+TASKS = ["endings", "lambada", "triviaqa"]
+
+
+def _resave_with_ep_2(rank: int, world: int, source: str, target: str) -> None:
+    loaded = load_model(source, mesh=Mesh(ep_size=2))
+    extra = read_manifest(loaded.directory)["extra"]
+    save_checkpoint(step_directory(target, loaded.step), loaded.model, Mesh(ep_size=2), extra=extra)
+
+
+@pytest.fixture(scope="module")
+def untrained_runs(tmp_path_factory) -> dict[int, Path]:
+    """Freshly initialised sentence-model checkpoints by number of experts (0: dense):
+    equality with one process needs no training."""
+    runs = {}
+    for experts in (0, 4):
+        torch.manual_seed(experts)
+        cfg = sentence_config(experts)
+        runs[experts] = tmp_path_factory.mktemp(f"untrained-{experts}")
+        save_sentence_model(GPT(cfg.model), cfg, runs[experts])
+    return runs
+
+
+@pytest.fixture(scope="module")
+def moe_runs(untrained_runs, tmp_path_factory) -> dict[int, Path]:
+    """The 4-expert model as written at EP 1, and re-written at EP 2."""
+    ep2 = tmp_path_factory.mktemp("written-at-ep2")
+    run_distributed(_resave_with_ep_2, 2, ep2, str(untrained_runs[4]), str(ep2 / "run"))
+    assert read_manifest(step_directory(ep2 / "run", 300))["ep_size"] == 2
+    return {1: untrained_runs[4], 2: ep2 / "run"}
+
+
+def _options(files: dict[str, str]) -> EvalOptions:
+    return EvalOptions(TASKS, files=files, batch_size=5, max_new_tokens=48)
+
+
+@pytest.fixture(scope="module")
+def one_process(moe_runs, sentence_tasks):  # noqa: F811
+    results = evaluate_checkpoint(str(moe_runs[1]), _options(sentence_tasks), show_progress=False)
+    loaded = load_model(str(moe_runs[1]))
+    tokens = generate(loaded.model, loaded.tokenizer.encode_batch(PROMPTS), 24, Sampling())
+    return results, tokens, resident_bytes(loaded.model)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("written,ep,replicas", [(1, 2, 1), (1, 4, 1), (2, 2, 2), (2, 4, 1)])
+def test_an_ep_group_gives_the_numbers_and_tokens_of_one_process(
+        ray_cluster, moe_runs, sentence_tasks, one_process, written, ep, replicas, monkeypatch):  # noqa: F811
+    monkeypatch.setattr(harness, "CHUNK", 10)  # several chunks per task, shared by the replicas
+    here, here_tokens, here_bytes = one_process
+    options = _options(sentence_tasks)
+    uri = checkpoint_manifest(str(moe_runs[written]))["uri"]
+    with InferenceGroups(uri, GroupOptions(ep, replicas, cpus_per_rank=0.5)) as groups:
+        spread = evaluate(options, groups.score(options), show_progress=False)
+        prompts = groups.encode(PROMPTS)
+        tokens = groups.generate_tokens(prompts, 24, Sampling(), stop_at_eot=False)
+        resident = groups.resident
+    assert [(m.task, m.metric, m.n) for m in spread.metrics] == [(m.task, m.metric, m.n) for m in here.metrics]
+    assert [m.value for m in spread.metrics] == pytest.approx([m.value for m in here.metrics], rel=1e-5)
+    assert tokens == here_tokens  # greedy: token for token
+    assert len(resident) == replicas and all(len(g) == ep for g in resident)
+    for rank in (r for g in resident for r in g):  # the dense part and 1/ep of the experts
+        assert rank.dense == here_bytes.dense and rank.experts * ep == here_bytes.experts
+
+
+@pytest.mark.parametrize("command,ep,message", [
+    ("eval", 3, "--ep 3: must divide the checkpoint's 4 experts"),
+    ("generate", 8, "--ep 8: must divide the checkpoint's 4 experts"),
+    ("dense", 2, "--ep 2: .* is a dense model, it has no experts to spread")])
+def test_a_bad_ep_size_is_refused_before_ray_starts(untrained_runs, sentence_tasks, monkeypatch,  # noqa: F811
+                                                    capsys, command, ep, message):
+    monkeypatch.setattr(cli, "connect_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    run = str(untrained_runs[0 if command == "dense" else 4])
+    argv = (["generate", run, "alice"] if command == "generate" else
+            ["eval", run, "--task-file", f"lambada={sentence_tasks['lambada']}", "--tasks", "lambada"])
+    assert cli.main([*argv, "--ep", str(ep)]) == 2
+    assert re.search(message, capsys.readouterr().err)
