@@ -3,7 +3,11 @@ from checkpoints written at EP 1 and EP 2, on tiny models whose answers are know
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -17,7 +21,7 @@ from raymoe.eval import harness
 from raymoe.eval.harness import EvalOptions, evaluate
 from raymoe.eval.loading import checkpoint_manifest, load_model
 from raymoe.eval.runner import evaluate_checkpoint
-from raymoe.infer.group import GroupOptions, InferenceGroups
+from raymoe.infer.group import GroupOptions, InferenceGroups, InferenceSetupError
 from raymoe.infer.worker import resident_bytes
 from raymoe.model import GPT
 from raymoe.model.generation import Sampling, generate
@@ -102,3 +106,41 @@ def test_a_bad_ep_size_is_refused_before_ray_starts(untrained_runs, sentence_tas
             ["eval", run, "--task-file", f"lambada={sentence_tasks['lambada']}", "--tasks", "lambada"])
     assert cli.main([*argv, "--ep", str(ep)]) == 2
     assert re.search(message, capsys.readouterr().err)
+
+
+def _cli(*argv: str) -> subprocess.CompletedProcess:
+    """The raymoe command in a new driver (this process already holds the cluster)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-m", "raymoe.cli", *argv], capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return out
+
+
+@pytest.mark.slow
+def test_the_commands_print_one_process_results_and_each_ranks_bytes(
+        ray_cluster, moe_runs, sentence_tasks, one_process, tmp_path, capsys):  # noqa: F811
+    here, _, here_bytes = one_process
+    run, address = str(moe_runs[2]), ray_cluster.address_info["address"]
+    files = [f"--task-file={name}={sentence_tasks[name]}" for name in TASKS]
+    out = _cli("eval", run, "--tasks", ",".join(TASKS), *files, "--batch-size", "5",
+               "--max-new-tokens", "48", "--ep", "2", "--cpus-per-rank", "0.5", "--address", address,
+               "--out", str(tmp_path / "results.json"))
+    saved = json.loads((tmp_path / "results.json").read_text())
+    assert [r["value"] for r in saved["results"]] == pytest.approx([m.value for m in here.metrics], rel=1e-5)
+    experts_mib = here_bytes.experts / 2 / 2**20
+    assert [[r["experts"] for r in g] for g in saved["parameter_bytes"]] == [[here_bytes.experts // 2] * 2]
+    assert "group 0 parameter bytes: rank 0: " in out.stdout and f"{experts_mib:.2f} MiB experts" in out.stdout
+
+    assert cli.main(["generate", run, "alice keeps", "--greedy", "--max-new-tokens", "20"]) == 0
+    expected = capsys.readouterr().out
+    out = _cli("generate", run, "alice keeps", "--greedy", "--max-new-tokens", "20", "--ep", "2",
+               "--cpus-per-rank", "0.5", "--address", address)
+    assert out.stdout.startswith(expected) and "group 0 parameter bytes" in out.stdout
+
+
+def test_groups_larger_than_the_cluster_are_refused(ray_cluster, moe_runs):
+    uri = checkpoint_manifest(str(moe_runs[1]))["uri"]
+    with pytest.raises(InferenceSetupError, match=r"--replicas 3 x --ep 4 ranks need 6 CPUs; the Ray "
+                                                  r"cluster has 4"):
+        InferenceGroups(uri, GroupOptions(4, 3, cpus_per_rank=0.5))

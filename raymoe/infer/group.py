@@ -85,6 +85,21 @@ class InferenceGroup:
         remove_placement_group(self.placement)
 
 
+def check_cluster_fits(options: GroupOptions) -> None:
+    """A clear error instead of placement groups that wait forever for resources."""
+    import ray
+
+    have = ray.cluster_resources()
+    ranks = options.ep * options.replicas
+    need = {"CPU": ranks * options.cpus_per_rank,
+            "GPU": float(ranks) if options.device.startswith("cuda") else 0.0}
+    for resource, amount in need.items():
+        if amount > have.get(resource, 0.0):
+            raise InferenceSetupError(
+                f"--replicas {options.replicas} x --ep {options.ep} ranks need {amount:g} "
+                f"{resource}s; the Ray cluster has {have.get(resource, 0.0):g}")
+
+
 class InferenceGroups:
     """``replicas`` groups of ``ep`` ranks serving checkpoint ``uri`` (a context manager:
     leaving it frees the actors)."""
@@ -92,6 +107,7 @@ class InferenceGroups:
     def __init__(self, uri: str, options: GroupOptions):
         import ray
 
+        check_cluster_fits(options)
         self.options = options
         self.groups = [InferenceGroup(options.ep, options) for _ in range(options.replicas)]
         try:
