@@ -201,9 +201,9 @@ def _group_options(args: argparse.Namespace):
 
 
 def _eval_sharded(args: argparse.Namespace, options) -> None:
-    from raymoe.eval.loading import checkpoint_manifest
     from raymoe.infer.evaluate import evaluate_sharded
     from raymoe.infer.group import check_group_shape
+    from raymoe.runs import checkpoint_manifest
 
     group = _group_options(args)
     check_group_shape(checkpoint_manifest(args.checkpoint), group.ep, group.replicas)  # before Ray
@@ -254,8 +254,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def _generate_sharded(args: argparse.Namespace, sampling) -> None:
     import time
 
-    from raymoe.eval.loading import checkpoint_manifest
     from raymoe.infer.group import InferenceGroups, check_group_shape, format_resident
+    from raymoe.runs import checkpoint_manifest
 
     if args.no_cache:
         raise RaymoeError("--no-cache: not available with --ep (the group decodes with its KV cache)")

@@ -19,14 +19,16 @@ from test_eval import sentence_tasks  # noqa: F401  (a fixture)
 from raymoe import cli
 from raymoe.eval import harness
 from raymoe.eval.harness import EvalOptions, evaluate
-from raymoe.eval.loading import checkpoint_manifest, load_model
+from raymoe.eval.loading import load_model
 from raymoe.eval.runner import evaluate_checkpoint
-from raymoe.infer.group import GroupOptions, InferenceGroups, InferenceSetupError
+from raymoe.infer.group import GroupOptions, InferenceGroups
 from raymoe.infer.worker import resident_bytes
 from raymoe.model import GPT
 from raymoe.model.generation import Sampling, generate
 from raymoe.parallel.checkpoint import read_manifest, save_checkpoint, step_directory
 from raymoe.parallel.mesh import Mesh
+from raymoe.runs import checkpoint_manifest
+from raymoe.train.capacity import ClusterTooSmallError
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [" ".join(s.split()[:2]) for s in SENTENCES[:3]] + ["h"]
@@ -141,6 +143,6 @@ def test_the_commands_print_one_process_results_and_each_ranks_bytes(
 
 def test_groups_larger_than_the_cluster_are_refused(ray_cluster, moe_runs):
     uri = checkpoint_manifest(str(moe_runs[1]))["uri"]
-    with pytest.raises(InferenceSetupError, match=r"--replicas 3 x --ep 4 ranks need 6 CPUs; the Ray "
-                                                  r"cluster has 4"):
+    with pytest.raises(ClusterTooSmallError, match=r"needs 6 CPU \(12 workers x 0.5 CPU\); 8 of 12 "
+                                                   r"workers fit .* with 4 CPU"):
         InferenceGroups(uri, GroupOptions(4, 3, cpus_per_rank=0.5))

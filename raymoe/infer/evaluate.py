@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from raymoe.eval.harness import EvalOptions, EvalResults, evaluate
-from raymoe.eval.loading import checkpoint_manifest
 from raymoe.infer.group import GroupOptions, InferenceGroups, check_group_shape
+from raymoe.runs import checkpoint_manifest
 
 
 def evaluate_sharded(checkpoint: str, options: EvalOptions, group: GroupOptions,

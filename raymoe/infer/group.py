@@ -5,6 +5,8 @@ process group in its own processes, and the examples are split between the group
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -85,21 +87,6 @@ class InferenceGroup:
         remove_placement_group(self.placement)
 
 
-def check_cluster_fits(options: GroupOptions) -> None:
-    """A clear error instead of placement groups that wait forever for resources."""
-    import ray
-
-    have = ray.cluster_resources()
-    ranks = options.ep * options.replicas
-    need = {"CPU": ranks * options.cpus_per_rank,
-            "GPU": float(ranks) if options.device.startswith("cuda") else 0.0}
-    for resource, amount in need.items():
-        if amount > have.get(resource, 0.0):
-            raise InferenceSetupError(
-                f"--replicas {options.replicas} x --ep {options.ep} ranks need {amount:g} "
-                f"{resource}s; the Ray cluster has {have.get(resource, 0.0):g}")
-
-
 class InferenceGroups:
     """``replicas`` groups of ``ep`` ranks serving checkpoint ``uri`` (a context manager:
     leaving it frees the actors)."""
@@ -107,8 +94,14 @@ class InferenceGroups:
     def __init__(self, uri: str, options: GroupOptions):
         import ray
 
-        check_cluster_fits(options)
+        from raymoe.train.capacity import WorkerGroupDemand, worker_group_capacity
+
         self.options = options
+        self.capacity = contextlib.ExitStack()  # fails or waits (autoscaler) before placing
+        demand = WorkerGroupDemand(options.ep * options.replicas, options.cpus_per_rank,
+                                   1.0 if options.device.startswith("cuda") else 0.0)
+        self.capacity.enter_context(worker_group_capacity(
+            demand, log=lambda line: print(f"inference groups: {line}", file=sys.stderr)))
         self.groups = [InferenceGroup(options.ep, options) for _ in range(options.replicas)]
         try:
             joins = [g.join(uri, options) for g in self.groups]  # groups load concurrently
@@ -128,6 +121,7 @@ class InferenceGroups:
         for g in self.groups:
             g.close()
         self.groups = []
+        self.capacity.close()
 
     @property
     def resident(self) -> list[list[ResidentBytes]]:
