@@ -122,6 +122,7 @@ def fsdp_checkpoint(tmp_path_factory):
     return root / "run", results
 
 
+@pytest.mark.slow  # 4 processes: minutes on 2 cores
 def test_fsdp_world_4_ep_2_loads_in_one_process(fsdp_checkpoint):
     root, saved = fsdp_checkpoint
     loaded = load_and_continue(0, 1, 1, "none", str(root))
@@ -129,6 +130,7 @@ def test_fsdp_world_4_ep_2_loads_in_one_process(fsdp_checkpoint):
     assert_loaded_as_saved(saved, [loaded])
 
 
+@pytest.mark.slow  # 4 processes: minutes on 2 cores
 def test_fsdp_world_4_ep_2_to_unsharded_world_2_ep_1_and_back(fsdp_checkpoint, tmp_path):
     root, saved = fsdp_checkpoint
     back = tmp_path / "back"

@@ -119,6 +119,7 @@ def test_world_2_with_ep_2_and_ep_1_equals_one_process(tmp_path):
         assert_syncs(results, ep)
 
 
+@pytest.mark.slow  # 4 processes: minutes on 2 cores
 def test_world_4_with_ep_2_and_ep_4_equals_one_process(tmp_path):
     results = run_distributed(one_step_worker, 4, tmp_path, [2, 4])
     for ep in (2, 4):

@@ -87,6 +87,7 @@ def test_sharded_step_with_activation_checkpointing_equals_one_process_at_world_
     assert_sharded_matches_reference(results, 1)
 
 
+@pytest.mark.slow  # 4 processes: minutes on 2 cores
 def test_sharded_step_equals_one_process_at_world_4_ep_2_and_4(tmp_path):
     results = run_distributed(sharded_steps_worker, 4, tmp_path, [2, 4], False)
     for ep in (2, 4):
