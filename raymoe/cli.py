@@ -9,6 +9,7 @@ import traceback
 from pathlib import Path
 
 from raymoe.config import ConfigError, load_config
+from raymoe.console import connect_ray
 from raymoe.errors import RaymoeError, find_cause
 from raymoe.jobs import KINDS
 from raymoe.plan import CLUSTER_YAML, HARDWARE
@@ -104,19 +105,6 @@ def cmd_demo(args: argparse.Namespace) -> None:
                  f"train.max_steps={args.steps}", "train.eval_every=100", *args.overrides]
     cfg = load_config(args.config, overrides)
     report_result(train_on_ray(cfg))
-
-
-def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join the cluster at ``address`` or RAY_ADDRESS (as in a Ray job), else start a
-    local one of ``num_cpus``; its known noise silenced."""
-    import ray
-
-    from raymoe.console import drop_harmless_worker_lines, quiet_ray
-
-    local = address is None and not os.environ.get("RAY_ADDRESS")
-    quiet_ray()
-    ray.init(address=address, num_cpus=num_cpus if local else None, log_to_driver=True)
-    drop_harmless_worker_lines()
 
 
 def cmd_prepare(args: argparse.Namespace) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 
 HARMLESS_WORKER_LINES = (
     # Ray Train's own PreemptionWatcher is a restartable actor given its workers' handles as
@@ -71,3 +72,14 @@ def drop_harmless_worker_lines() -> None:
     if any(name == "ray_print_logs" for name, _ in dispatcher.handlers):
         dispatcher.remove_handler("ray_print_logs")
         dispatcher.add_handler("ray_print_logs", print_meaningful)
+
+
+def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join the cluster at ``address`` or RAY_ADDRESS (as in a Ray job), else start a
+    local one of ``num_cpus``; its known noise silenced."""
+    import ray
+
+    local = address is None and not os.environ.get("RAY_ADDRESS")
+    quiet_ray()
+    ray.init(address=address, num_cpus=num_cpus if local else None, log_to_driver=True)
+    drop_harmless_worker_lines()

@@ -30,6 +30,26 @@ class Score:
 TokenPair = tuple[list[int], list[int]]
 
 
+def encode_pairs(tokenizer: Tokenizer, pairs: list[tuple[str, str]]) -> list[TokenPair]:
+    """(context, continuation) texts -> token ids; trailing spaces of the context move to
+    the continuation, an empty context becomes the end-of-text token."""
+    moved = []
+    for context, continuation in pairs:
+        spaces = len(context) - len(context.rstrip())
+        if spaces:
+            context, continuation = context[:-spaces], context[-spaces:] + continuation
+        moved.append((context, continuation))
+    contexts = tokenizer.encode_batch([c for c, _ in moved])
+    wholes = tokenizer.encode_batch([c + k for c, k in moved])
+    encoded = []
+    for context_ids, whole in zip(contexts, wholes, strict=False):
+        continuation_ids = whole[len(context_ids):]
+        if not continuation_ids:
+            raise ValueError("a continuation encodes to no tokens")
+        encoded.append((context_ids or [tokenizer.eot_id], continuation_ids))
+    return encoded
+
+
 class Scorer:
     def __init__(self, model: GPT, tokenizer: Tokenizer, batch_size: int = 16):
         if batch_size < 1:
@@ -43,23 +63,7 @@ class Scorer:
         return self.tokenizer.encode_batch(texts)
 
     def encode_pairs(self, pairs: list[tuple[str, str]]) -> list[TokenPair]:
-        """(context, continuation) texts -> token ids; trailing spaces of the context move
-        to the continuation, an empty context becomes the end-of-text token."""
-        moved = []
-        for context, continuation in pairs:
-            spaces = len(context) - len(context.rstrip())
-            if spaces:
-                context, continuation = context[:-spaces], context[-spaces:] + continuation
-            moved.append((context, continuation))
-        contexts = self.encode([c for c, _ in moved])
-        wholes = self.encode([c + k for c, k in moved])
-        encoded = []
-        for context_ids, whole in zip(contexts, wholes, strict=False):
-            continuation_ids = whole[len(context_ids):]
-            if not continuation_ids:
-                raise ValueError("a continuation encodes to no tokens")
-            encoded.append((context_ids or [self.tokenizer.eot_id], continuation_ids))
-        return encoded
+        return encode_pairs(self.tokenizer, pairs)
 
     def fit(self, context: list[int], continuation: list[int]) -> TokenPair:
         """The pair cut to the model's context (seq_len inputs predict seq_len + 1 tokens):

@@ -14,6 +14,7 @@ from typing import Any
 from raymoe.config import config_from_dict
 from raymoe.errors import RaymoeError, root_cause
 from raymoe.eval.harness import Chunk, ChunkScorer, EvalOptions
+from raymoe.eval.scoring import Score, TokenPair
 from raymoe.infer.worker import InferenceWorker, ResidentBytes
 from raymoe.model.generation import Sampling
 
@@ -152,6 +153,15 @@ class InferenceGroups:
     def generate_tokens(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
                         seed: int = 0, stop_at_eot: bool = True) -> list[list[int]]:
         return self._first("generate", prompts, max_new_tokens, sampling, seed, stop_at_eot)
+
+    def loglikelihoods(self, pairs: list[TokenPair], batch_size: int) -> list[Score]:
+        """Each (context, continuation) pair's score, on the first group."""
+        return self._first("loglikelihoods", pairs, batch_size)
+
+    def generate_until(self, contexts: list[str], stop: tuple[str, ...], max_new_tokens: int,
+                       batch_size: int) -> list[str]:
+        """Greedy continuations cut at the first stop string, on the first group."""
+        return self._first("generate_until", contexts, stop, max_new_tokens, batch_size)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         import ray

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from raymoe.eval.harness import Chunk, EvalOptions, score_chunk
 from raymoe.eval.loading import LoadedModel, load_model
-from raymoe.eval.scoring import Scorer
+from raymoe.eval.scoring import Score, Scorer, TokenPair
 from raymoe.model.generation import Sampling, generate
 from raymoe.model.gpt import GPT, GPTOutput
 from raymoe.model.moe import is_expert_parameter
@@ -115,12 +115,26 @@ class InferenceWorker:
         assert self.loaded is not None, "join first"
         return self.loaded.model
 
-    def score(self, chunk: Chunk, options: EvalOptions) -> list[dict[str, float]]:
+    def _scorer(self, batch_size: int) -> Scorer:
         assert self.loaded is not None, "join first"
-        if self.scorer is None or self.scorer.batch_size != options.batch_size:
+        if self.scorer is None or self.scorer.batch_size != batch_size:
             agreed: Any = AgreedLogits(self.loaded.model)  # a GPT to the scorer
-            self.scorer = Scorer(agreed, self.loaded.tokenizer, options.batch_size)
-        return score_chunk(self.scorer, chunk, options)
+            self.scorer = Scorer(agreed, self.loaded.tokenizer, batch_size)
+        return self.scorer
+
+    def score(self, chunk: Chunk, options: EvalOptions) -> list[dict[str, float]]:
+        return score_chunk(self._scorer(options.batch_size), chunk, options)
+
+    def loglikelihoods(self, pairs: list[TokenPair], batch_size: int) -> list[Score]:
+        scorer = self._scorer(batch_size)
+        with autocast(scorer.device):
+            return scorer.loglikelihoods(pairs)
+
+    def generate_until(self, contexts: list[str], stop: tuple[str, ...], max_new_tokens: int,
+                       batch_size: int) -> list[str]:
+        scorer = self._scorer(batch_size)
+        with autocast(scorer.device):
+            return scorer.generate_until(contexts, stop, max_new_tokens)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
                  seed: int, stop_at_eot: bool) -> list[list[int]]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,10 @@ MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
 """The optimizer's per-group settings a checkpoint restores (not device choices like fused)."""
+# DCP warns on every one-process save and load, even when told so with no_dist=True (as
+# raymoe does exactly when it means one process): a healthy eval would print it per worker.
+warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized",
+                        UserWarning)
 
 
 class CheckpointError(RaymoeError, RuntimeError):
