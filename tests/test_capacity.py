@@ -68,3 +68,18 @@ def test_the_evaluation_goes_to_nodes_that_can_hold_the_model(ray_cluster):
                                                 rf"process .* the largest of the cluster's 1 node\(s\) "
                                                 rf"with CPUs offers {have:.1f} GiB of Ray memory"):
         node_placements("ckpt", need=2**40)
+
+
+def test_a_study_evaluates_a_moe_model_at_the_smallest_ep_size_its_ranks_fit():
+    from raymoe.config import load_config
+    from raymoe.eval.runner import EvalCapacityError, expert_parallel_size, inference_bytes
+
+    manifest = {"uri": "ckpt", "extra": {"config": load_config("tiny-moe8").to_dict()}}
+    whole, half, eighth = (inference_bytes(manifest, ep) for ep in (1, 2, 8))
+    assert whole > half > eighth
+    assert expert_parallel_size(manifest, [whole]) == 1
+    assert expert_parallel_size(manifest, [whole - 1, whole - 1]) == 2  # a rank on each node
+    assert expert_parallel_size(manifest, [whole - 1, half]) == 2
+    assert expert_parallel_size(manifest, [half - 1] * 8) == 4
+    with pytest.raises(EvalCapacityError, match="ckpt: no expert-parallel size fits this cluster: even at EP 8"):
+        expert_parallel_size(manifest, [eighth - 1] * 16)

@@ -31,7 +31,7 @@ def test_tiny_study_writes_plot_csv_and_table(dataset, tmp_path):
                    {"name": "moe", "config": "tiny-moe8"},
                    {"name": "broken", "config": "tiny", "overrides": ["model.n_head=5"]}],
         "eval": {"tasks": ["lambada", "piqa"], "data_dir": str(SAMPLE_DATA),
-                 "files": {"lambada": str(lambada)}, "limit": 6},
+                 "files": {"lambada": str(lambada)}, "limit": 6, "ep": 2},
     }))
     study = load_study(str(study_file))
     report = run_study(study)
@@ -66,6 +66,8 @@ def test_tiny_study_writes_plot_csv_and_table(dataset, tmp_path):
         direct = evaluate_checkpoint(str(out / f"{model}-seed1"), study.eval.options, show_progress=False)
         row = next(m for m in report.models if m.model == model)
         assert row.eval == {"lambada": direct.value("lambada", "acc"), "piqa": direct.value("piqa", "acc")}
-        saved = json.loads((out / "eval" / f"{model}-seed1.json").read_text())["results"]
-        assert {(r["task"], r["n"]) for r in saved} == {("lambada", 3), ("piqa", 6)}
+        saved = json.loads((out / "eval" / f"{model}-seed1.json").read_text())
+        assert {(r["task"], r["n"]) for r in saved["results"]} == {("lambada", 3), ("piqa", 6)}
+        # eval ep 2: the MoE model on one group of 2 ranks (the numbers of one process, above)
+        assert len(saved.get("parameter_bytes", [[]])[0]) == (2 if model == "moe" else 0)
     assert table1[-1].endswith(" | - |")  # the broken model has no scores

@@ -85,24 +85,32 @@ class EvalCapacityError(RaymoeError, RuntimeError):
     """No node of the cluster can hold the model for evaluation."""
 
 
-def inference_bytes(manifest: dict[str, Any]) -> int:
-    """Memory one process needs to evaluate a checkpoint: its model in fp32 twice over
-    (the model, and the checkpoint's tensors being copied into it)."""
+def inference_bytes(manifest: dict[str, Any], ep: int = 1) -> int:
+    """Memory one process needs to evaluate a checkpoint holding 1/``ep`` of its experts:
+    that part of the model in fp32 twice over (the model, and the checkpoint's tensors being
+    copied into it)."""
     from raymoe.config import config_from_dict
     from raymoe.model import GPT
+    from raymoe.model.moe import is_expert_parameter
 
     with torch.device("meta"):
         model = GPT(config_from_dict(manifest["extra"]["config"]).model)
-    return 2 * 4 * model.num_parameters()
+    counts = {True: 0, False: 0}
+    for name, param in model.named_parameters():
+        counts[is_expert_parameter(name)] += param.numel()
+    return 2 * 4 * (counts[False] + counts[True] // ep)
+
+
+def _nodes_with_cpus() -> list[dict[str, Any]]:
+    import ray
+
+    return [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
 
 
 def node_placements(checkpoint: str, need: int, max_nodes: int = 0) -> list[tuple[str, int]]:
-    """(node id, CPUs) of the nodes that can hold the model, most CPUs first: until
-    expert-parallel inference exists a MoE model is evaluated whole in one process per
-    node, scoring with all the node's CPUs."""
-    import ray
-
-    nodes = [n for n in ray.nodes() if n.get("Alive") and n["Resources"].get("CPU", 0) >= 1]
+    """(node id, CPUs) of the nodes that can hold the whole model, most CPUs first (each
+    scores with all the node's CPUs)."""
+    nodes = _nodes_with_cpus()
     fitting = sorted(((n["NodeID"], int(n["Resources"]["CPU"])) for n in nodes
                       if n["Resources"].get("memory", 0) >= need), key=lambda p: -p[1])
     if not fitting:
@@ -111,9 +119,31 @@ def node_placements(checkpoint: str, need: int, max_nodes: int = 0) -> list[tupl
             f"{checkpoint}: evaluating needs about {need / 2**30:.1f} GiB in one process (the "
             f"model in fp32, twice while loading); the largest of the cluster's {len(nodes)} "
             f"node(s) with CPUs offers {largest / 2**30:.1f} GiB of Ray memory. Add a node "
-            "with more memory (expert-parallel inference, which would split the model, does "
-            "not exist yet)")
+            "with more memory, or spread a MoE model's experts over an expert-parallel group")
     return fitting[:max_nodes or None]
+
+
+def expert_parallel_size(manifest: dict[str, Any], node_memory: list[int]) -> int:
+    """The EP size a study evaluates a checkpoint with: 1 when one node holds the whole
+    model, else the smallest that divides the expert count and whose ranks (the dense
+    part and 1/EP of the experts each) fit on the nodes, one rank per node at least."""
+    from raymoe.config import config_from_dict
+
+    experts = config_from_dict(manifest["extra"]["config"]).model.moe.num_experts
+    for ep in [1] + [e for e in range(2, experts + 1) if experts % e == 0]:
+        need = inference_bytes(manifest, ep)
+        if sum(memory // need for memory in node_memory) >= ep:
+            return ep
+    raise EvalCapacityError(
+        f"{manifest['uri']}: no expert-parallel size fits this cluster: even at EP "
+        f"{max(experts, 1)} a rank needs about {inference_bytes(manifest, max(experts, 1)) / 2**30:.1f} "
+        f"GiB (the dense part in fp32, twice while loading), and the nodes offer "
+        f"{sorted((m / 2**30 for m in node_memory), reverse=True)[:4]} GiB of Ray memory")
+
+
+def cluster_node_memory() -> list[int]:
+    """Ray memory of each live node with CPUs."""
+    return [int(n["Resources"].get("memory", 0)) for n in _nodes_with_cpus()]
 
 
 def evaluate_on_nodes(checkpoint: str, options: EvalOptions, max_nodes: int = 0,

@@ -45,6 +45,9 @@ class GroupOptions:
     cpus_per_rank: float = 1.0
     device: str = "cpu"
     tokenizer: str | None = None
+    memory_per_rank: int = 0
+    """Ray memory each rank reserves (bytes; 0: none), so that ranks too large to share a
+    node are placed on different nodes."""
 
 
 class InferenceGroup:
@@ -57,12 +60,13 @@ class InferenceGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         gpu = options.device.startswith("cuda")
-        bundle = {"CPU": options.cpus_per_rank, **({"GPU": 1} if gpu else {})}
+        memory = {"memory": options.memory_per_rank} if options.memory_per_rank else {}
+        bundle = {"CPU": options.cpus_per_rank, **({"GPU": 1} if gpu else {}), **memory}
         self.placement = placement_group([bundle] * ep, strategy="PACK")
         threads = max(int(options.cpus_per_rank), 1)
         actor = ray.remote(InferenceWorker)
         self.ranks: list[Any] = [actor.options(
-            num_cpus=options.cpus_per_rank, num_gpus=1 if gpu else 0,
+            num_cpus=options.cpus_per_rank, num_gpus=1 if gpu else 0, memory=options.memory_per_rank or None,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.placement, i),
         ).remote(i, ep, threads) for i in range(ep)]
         self.resident: list[ResidentBytes] = []

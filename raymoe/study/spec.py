@@ -20,7 +20,7 @@ from raymoe.runs import absolute
 
 STUDY_KEYS = {"name", "storage", "data", "tokens", "models", "seeds", "max_concurrent_trials",
               "overrides", "asha", "eval"}
-EVAL_KEYS = {"tasks", "data_dir", "files", "limit", "batch_size", "nodes"}
+EVAL_KEYS = {"tasks", "data_dir", "files", "limit", "batch_size", "nodes", "ep"}
 
 
 @dataclass
@@ -30,6 +30,9 @@ class StudyEval:
     options: EvalOptions
     nodes: int = 0
     """At most this many Ray nodes score (one actor per node, all its CPUs); 0: every node."""
+    ep: int = 0
+    """Expert-parallel group size for MoE trials; 0: the smallest whose ranks fit the
+    cluster's nodes (1, the whole model per node, when a node holds it)."""
 
 
 @dataclass
@@ -114,4 +117,8 @@ def _study_eval(path: str, raw: Any) -> StudyEval:
     options = EvalOptions(tasks, absolute(raw["data_dir"]) if raw.get("data_dir") else None,
                           {k: absolute(v) for k, v in (raw.get("files") or {}).items()},
                           raw.get("limit"), int(raw.get("batch_size", 16)))
-    return StudyEval(options, int(raw.get("nodes", 0)))
+    ep = raw.get("ep", 0)
+    if not isinstance(ep, int) or ep < 0:
+        raise ConfigError(f"{path}: eval ep: {ep!r}, expected an expert-parallel size >= 1 "
+                          "(or 0 for the smallest that fits)")
+    return StudyEval(options, int(raw.get("nodes", 0)), ep)
