@@ -11,7 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
 import pytest
-from conftest import CORPUS, needs_shared_data, skip_without_shared_data
+from conftest import CORPUS, REPO, needs_shared_data, skip_without_shared_data
 
 from raymoe.config import BlendEntry, ConfigError, DataConfig, load_config
 from raymoe.data.blend import open_blend
@@ -355,7 +355,8 @@ def test_parquet_input_and_missing_column(ray_cluster, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    texts = [strip_gutenberg(decode_text(b.read_bytes(), str(b))) for b in BOOKS[:2]]
+    books = sorted((REPO / "raymoe" / "sample" / "corpus").glob("*.txt"))[:2]  # shipped: no skip
+    texts = [decode_text(b.read_bytes(), str(b)) for b in books]
     pq.write_table(pa.table({"content": texts}), tmp_path / "docs.parquet")
     with pytest.raises(PrepareError, match="docs.parquet: no column 'text'"):
         prepare(PrepareOptions([str(tmp_path / "docs.parquet")], str(tmp_path / "a")),
