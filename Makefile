@@ -28,6 +28,7 @@ demo: $(STAMP)
 # The full tiny study (every model, two seeds; about 25 minutes on 2 cores). It also renews
 # the plot the README shows.
 study: $(STAMP)
+	$(VENV)/bin/raymoe demo --prepare-only
 	$(VENV)/bin/raymoe compare jobs/configs/study-tiny.yaml
 	mkdir -p docs && cp runs/study-tiny/validation_loss.png docs/study-tiny.png
 

@@ -101,6 +101,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if not (data / MANIFEST).is_file():
         prepare(PrepareOptions([str(SAMPLE_CORPUS)], str(data), tokenizer="bytes", seq_len=128,
                                val_fraction=0.05, doc_chars=8000, shard_bytes=256 * 2**10))
+    if args.prepare_only:
+        print(f"the bundled sample is prepared in {data}")
+        return
     overrides = [f"data.path={data}", f"train.storage={args.workdir}",
                  f"train.max_steps={args.steps}", "train.eval_every=100", *args.overrides]
     cfg = load_config(args.config, overrides)
@@ -119,10 +122,12 @@ def cmd_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
+    from raymoe.data.shards import PreparedDataset
     from raymoe.study.run import run_study
     from raymoe.study.spec import load_study
 
     study = load_study(args.study)
+    PreparedDataset.open(study.data)  # before Ray: a missing dataset is one line, not a failed trial each
     connect_ray(args.address, num_cpus=4)
     report = run_study(study, wait=args.wait, timeout=args.timeout)
     print(report.table())
@@ -390,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--steps", type=int, default=300)
     demo.add_argument("--workdir", default="runs", help="where the data and the run go")
     demo.add_argument("--address", default=None)
+    demo.add_argument("--prepare-only", action="store_true",
+                      help="only prepare the bundled sample (WORKDIR/sample-bytes), as `make study` needs")
     demo.set_defaults(func=cmd_demo)
 
     prep = sub.add_parser("prepare", help="tokenize raw text into packed shards (Ray Data)")

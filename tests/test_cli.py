@@ -96,3 +96,15 @@ def test_rays_dual_class_wrapper_gives_way_to_the_users_error():
     assert isinstance(wrapped, ConfigError)
     assert find_cause(wrapped, RaymoeError) is inner
     assert cli.describe_error(inner) == "config error: model.n_head: 5 heads do not divide model.d_model=128"
+
+
+def test_a_study_with_a_missing_dataset_fails_before_joining_a_cluster(tmp_path):
+    missing = tmp_path / "nowhere"
+    study = tmp_path / "study.yaml"
+    study.write_text(f"name: s\nstorage: {tmp_path}\ndata: {missing}\ntokens: 1000\n"
+                     "models: [{name: dense, config: tiny}]\n")
+    out = subprocess.run([sys.executable, "-m", "raymoe.cli", "compare", str(study), "--address", "127.0.0.1:9"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == (f"raymoe: DatasetError: {missing}: no manifest.json; not a prepared dataset, "
+                          "or its preparation did not finish\n")
