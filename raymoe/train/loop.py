@@ -176,7 +176,8 @@ class Trainer:
             wait_before = self.reader.wait_seconds
             timer.start()
             result = train_step(self.model, self.optimizer, self.mesh, self._micro_batches(),
-                                cfg.optim.grad_clip, autocast_dtype(self.device))
+                                cfg.optim.grad_clip, autocast_dtype(self.device),
+                                cfg.parallel.grad_sync == "every_micro_batch")
             seconds = timer.stop()
             self.step += 1
             if result.skipped:
