@@ -1,7 +1,7 @@
 """The planner against measurement: the allocator's peak in real CPU training steps
 (1, 2 and 4 gloo ranks, dense and MoE, checkpointing on and off, shard none and fsdp) and
-torch's MemTracker under FakeTensorMode at a reference shape. The CPU profile is the same model as the GPU
-ones with fp32 compute and no CUDA overhead (raymoe.plan.estimate_memory)."""
+torch's MemTracker under FakeTensorMode at a reference shape. The CPU profile is the same
+model as the GPU ones with fp32 compute and no CUDA overhead (raymoe.plan.estimate_memory)."""
 
 from __future__ import annotations
 
