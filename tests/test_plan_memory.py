@@ -67,8 +67,9 @@ MULTI_RANK = {
     4: [("tiny-moe8", ["parallel.num_workers=4", "parallel.ep_size=4", "train.global_batch=32",
                        "model.activation_checkpointing=true"]),
         ("tiny", ["parallel.num_workers=4", "train.global_batch=32"]),
+        # two micro-batches: the unsharded gradients held until the last one's reduce-scatter
         ("tiny-moe8", ["parallel.num_workers=4", "parallel.ep_size=2", "parallel.shard=fsdp",
-                       "train.global_batch=32"])],
+                       "train.global_batch=64"])],
 }
 
 
