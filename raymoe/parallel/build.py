@@ -3,11 +3,12 @@ then only this rank's parts materialised and initialised.
 
 The values are those of the model built whole in one process from the same seed, at any
 world size, EP size and shard mode. Dense parameters share the global RNG stream, which
-cannot skip ahead: every rank draws each dense parameter in full on the CPU, one at a
-time, and keeps its slice (time as building the whole model; memory: the largest dense
-parameter, 0.8 GB at gpt-6.7b's embedding). Experts have a generator each, so a rank
-draws only the experts it holds (one expert at a time when FSDP splits each expert's
-rows).
+cannot skip ahead: every rank first replays the draws nn.Linear and nn.Embedding make
+when constructed on a real device (GPT.replay_construction_draws), then draws each dense
+parameter in full on the CPU, one at a time, and keeps its slice (time as building the
+whole model; memory: the largest dense parameter, 0.8 GB at gpt-6.7b's embedding).
+Experts have a generator each, so a rank draws only the experts it holds (one expert at
+a time when FSDP splits each expert's rows).
 """
 
 from __future__ import annotations
