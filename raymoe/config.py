@@ -103,6 +103,11 @@ class ParallelConfig:
     ranks (FSDP2), experts over their expert-data-parallel group; none: replicated."""
     reduce_dtype: Literal["float32", "bfloat16"] = "float32"
     """The dtype gradients are reduced in on GPU (compute is bf16 there either way)."""
+    grad_sync: Literal["last_micro_batch", "every_micro_batch"] = "last_micro_batch"
+    """shard fsdp with gradient accumulation: reduce-scatter the gradients once per step,
+    after the last micro-batch (less traffic; each rank holds the unsharded fp32 gradients
+    of its dense parameters and experts until then), or after every micro-batch (only
+    sharded gradients are held, as in DeepSpeed ZeRO-3)."""
 
 
 @dataclass
@@ -401,7 +406,8 @@ def _raw_source(source: str) -> dict[str, Any]:
 
 
 def _reference(name: str, n_layer: int, d_model: int, n_head: int, *, lr: float, batch: int,
-               init_std: float = 0.014, experts: int = 0) -> dict[str, Any]:
+               init_std: float = 0.014, experts: int = 0,
+               grad_sync: str = "last_micro_batch") -> dict[str, Any]:
     """A model of the DeepSpeed-MoE NLG paper with the public scripts' recipe (activation
     checkpointing on, as they ran), sharded (FSDP) so that it fits an A100 40 GB."""
     moe = {"num_experts": experts, "every": 2, "top_k": 1, "capacity_factor": 1.0,
@@ -414,7 +420,7 @@ def _reference(name: str, n_layer: int, d_model: int, n_head: int, *, lr: float,
                   "d_model": d_model, "n_head": n_head, "init_std": init_std,
                   "activation_checkpointing": True, "moe": moe},
         "parallel": {"num_workers": 128, "ep_size": min(experts, 128) if experts else 1,
-                     "use_gpu": True, "shard": "fsdp"},
+                     "use_gpu": True, "shard": "fsdp", "grad_sync": grad_sync},
         "optim": {"lr": lr, "min_lr_ratio": 0.01, "betas": [0.9, 0.95], "weight_decay": 0.1,
                   "grad_clip": 1.0, "warmup_tokens": 375_000_000, "decay_tokens": tokens},
         "train": {"global_batch": batch, "micro_batch": 2 if batch == 256 else 4,
@@ -440,7 +446,9 @@ def _tiny(name: str, *, d_model: int = 128, n_layer: int = 4, experts: int = 0) 
 PRESETS: dict[str, dict[str, Any]] = {
     "gpt-350m": _reference("gpt-350m", 24, 1024, 16, lr=3e-4, batch=256),
     "gpt-1.3b": _reference("gpt-1.3b", 24, 2048, 16, lr=2e-4, batch=512),
-    "gpt-6.7b": _reference("gpt-6.7b", 32, 4096, 32, lr=1.2e-4, batch=1024, init_std=0.01),
+    # two micro-batches per step at 128 workers: 27 GB of unsharded gradients would not fit
+    "gpt-6.7b": _reference("gpt-6.7b", 32, 4096, 32, lr=1.2e-4, batch=1024, init_std=0.01,
+                           grad_sync="every_micro_batch"),
     "gpt-350m-moe128": _reference("gpt-350m-moe128", 24, 1024, 16, lr=2e-4, batch=256, experts=128),
     "gpt-1.3b-moe128": _reference("gpt-1.3b-moe128", 24, 2048, 16, lr=1.2e-4, batch=512,
                                   experts=128),

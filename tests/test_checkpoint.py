@@ -11,13 +11,13 @@ from test_expert_parallel import build, global_batch, shards, tiny_config
 
 from raymoe.model import GPT
 from raymoe.parallel import Mesh
+from raymoe.parallel.build import build_model
 from raymoe.parallel.checkpoint import (
     CheckpointError,
     load_checkpoint,
     save_checkpoint,
     step_directory,
 )
-from raymoe.parallel.shard import shard_model
 from raymoe.runs import latest_checkpoint
 from raymoe.train.optim import build_optimizer
 from raymoe.train.step import train_step
@@ -39,11 +39,10 @@ def continue_training(model, opt, mesh, cfg, rank: int, world: int) -> list[floa
 
 def setup(ep: int, shard: str, seed: int = 0):
     cfg = tiny_config(NO_DROP)
+    cfg.parallel.shard = shard
     mesh = Mesh(ep)
     torch.manual_seed(seed)
-    model = GPT(cfg.model, mesh.expert_exchange())
-    if shard == "fsdp":
-        shard_model(model, mesh)
+    model = build_model(cfg, mesh, torch.device("cpu"))  # as training builds it
     return cfg, mesh, model, build_optimizer(model, cfg.optim)
 
 

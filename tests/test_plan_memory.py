@@ -1,7 +1,7 @@
 """The planner against measurement: the allocator's peak in real CPU training steps
-(1, 2 and 4 gloo ranks, dense and MoE, checkpointing on and off) and torch's MemTracker
-under FakeTensorMode at a reference shape. The CPU profile is the same model as the GPU
-ones with fp32 compute and no CUDA overhead (raymoe.plan.estimate_memory)."""
+(1, 2 and 4 gloo ranks, dense and MoE, checkpointing on and off, shard none and fsdp) and
+torch's MemTracker under FakeTensorMode at a reference shape. The CPU profile is the same
+model as the GPU ones with fp32 compute and no CUDA overhead (raymoe.plan.estimate_memory)."""
 
 from __future__ import annotations
 
@@ -54,13 +54,6 @@ ONE_RANK = [
 ]
 
 
-SINCE_SHARDING = ("known gap: since the sharded step landed (issue 13), the measured peak of these "
-                  "shard-none steps is 16-20% above the planner's (one rank, dense: 54.6 predicted, "
-                  "65.4 MB measured; two dense ranks: 9.0 vs 11.2 MB); the planner's terms are to be "
-                  "re-derived from the new step")
-
-
-@pytest.mark.xfail(reason=SINCE_SHARDING)
 def test_planner_matches_the_measured_peak_of_one_rank_steps():
     torch.set_num_threads(1)
     _assert_close([_compare(name, overrides) for name, overrides in ONE_RANK])
@@ -73,7 +66,10 @@ MULTI_RANK = {
                   "model.seq_len=32"])],
     4: [("tiny-moe8", ["parallel.num_workers=4", "parallel.ep_size=4", "train.global_batch=32",
                        "model.activation_checkpointing=true"]),
-        ("tiny", ["parallel.num_workers=4", "train.global_batch=32"])],
+        ("tiny", ["parallel.num_workers=4", "train.global_batch=32"]),
+        # two micro-batches: the unsharded gradients held until the last one's reduce-scatter
+        ("tiny-moe8", ["parallel.num_workers=4", "parallel.ep_size=2", "parallel.shard=fsdp",
+                       "train.global_batch=64"])],
 }
 
 
@@ -82,7 +78,7 @@ def _measure_on_rank(rank: int, world: int) -> list[tuple[str, float, float]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [pytest.param(2, marks=pytest.mark.xfail(reason=SINCE_SHARDING)), 4])
+@pytest.mark.parametrize("world", [2, 4])
 def test_planner_matches_the_measured_peak_on_every_rank(tmp_path, world):
     results = run_distributed(_measure_on_rank, world, tmp_path)
     _assert_close([(f"rank {r}: {label}", p, m) for r, rows in enumerate(results) for label, p, m in rows])

@@ -103,7 +103,8 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i, exchange) for i in range(cfg.n_layer))
         self.ln_f = nn.LayerNorm(cfg.d_model)
-        self.reset_parameters()
+        if not self.wte.weight.is_meta:  # on meta: initialised once materialised
+            self.reset_parameters()
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -111,23 +112,46 @@ class GPT(nn.Module):
 
         Dense parameters come from the global RNG (seed every rank alike and they agree).
         Each expert is drawn from its own generator seeded by its GLOBAL id, so a model
-        is initialised the same whatever the expert-parallel size.
+        is initialised the same whatever the expert-parallel size. Values are drawn on
+        the CPU whatever the parameters' device.
         """
-        std = self.cfg.init_std
-        out_std = std / math.sqrt(2 * self.cfg.n_layer)
         for name, param in self.named_parameters():
-            leaf = name.rsplit(".", 1)[-1]
-            scale = out_std if name.endswith("proj.weight") or leaf == "w_out" else std
-            if ".ln_" in name or name.startswith("ln_f"):
-                param.fill_(1.0) if leaf == "weight" else param.zero_()
-            elif leaf.startswith("bias"):
-                param.zero_()
-            elif is_expert_parameter(name):
-                layer = self.moe_layer_of(name)
-                base_seed = int(torch.randint(2**62, (), device="cpu"))  # one draw, any EP size
-                _normal_per_expert(param, layer.global_expert_ids, base_seed, scale)
-            else:
-                param.normal_(0.0, scale)
+            self.initializer(name).fill(param)
+
+    def initializer(self, name: str) -> ParameterInit:
+        """How parameter ``name`` is initialised. Ask in ``named_parameters`` order, once per
+        parameter, and fill it before asking for the next: dense draws and each expert
+        parameter's base seed come from the global RNG in that order."""
+        std = self.cfg.init_std
+        leaf = name.rsplit(".", 1)[-1]
+        if ".ln_" in name or name.startswith("ln_f"):
+            return ParameterInit(1.0 if leaf == "weight" else 0.0)
+        if leaf.startswith("bias"):
+            return ParameterInit(0.0)
+        if name.endswith("proj.weight") or leaf == "w_out":
+            std /= math.sqrt(2 * self.cfg.n_layer)
+        if is_expert_parameter(name):
+            base_seed = int(torch.randint(2**62, (), device="cpu"))  # one draw, any EP size
+            return ParameterInit(std=std, expert_seeds=[base_seed + gid for gid in
+                                                        self.moe_layer_of(name).global_expert_ids])
+        return ParameterInit(std=std)
+
+    @torch.no_grad()
+    def replay_construction_draws(self) -> None:
+        """Draw from the global RNG what building this model on a real device draws.
+
+        nn.Linear and nn.Embedding initialise themselves when constructed (values that
+        reset_parameters then overwrites); on the meta device they draw nothing. A model
+        built on meta calls this before initialising, so that the same seed gives the same
+        values as a model built whole. One parameter's worth of memory at a time.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                torch.empty(module.weight.shape).uniform_()
+                if module.bias is not None:
+                    torch.empty(module.bias.shape).uniform_()
+            elif isinstance(module, nn.Embedding):
+                torch.empty(module.weight.shape).normal_()
 
     @property
     def moe_layers(self) -> list[MoELayer]:
@@ -208,12 +232,41 @@ class GPT(nn.Module):
         return total
 
 
-def _normal_per_expert(param: Tensor, global_ids: range, base_seed: int, std: float) -> None:
-    if param.is_meta:
-        return
-    for local, gid in enumerate(global_ids):
-        generator = torch.Generator(device=param.device).manual_seed(base_seed + gid)
-        param[local].normal_(0.0, std, generator=generator)
+@dataclass(frozen=True)
+class ParameterInit:
+    """One parameter's initial value: a constant, or normal(0, std) drawn on the CPU (from
+    the global RNG, or for experts from one generator per expert)."""
+
+    constant: float | None = None
+    std: float = 0.0
+    expert_seeds: list[int] | None = None
+    """Per local expert (the parameter's leading dim), the seed of its generator."""
+
+    @property
+    def is_random(self) -> bool:
+        return self.constant is None
+
+    def fill(self, out: Tensor, experts: range | None = None) -> None:
+        """Fill ``out`` with the parameter's value; for experts, the values of the local
+        experts ``experts`` (all by default) along ``out``'s leading dim."""
+        if out.is_meta:
+            return
+        if self.constant is not None:
+            out.fill_(self.constant)
+        elif self.expert_seeds is None:
+            _normal_on_cpu(out, self.std)
+        else:
+            for row, local in enumerate(experts if experts is not None else range(out.shape[0])):
+                _normal_on_cpu(out[row], self.std, torch.Generator().manual_seed(self.expert_seeds[local]))
+
+
+def _normal_on_cpu(out: Tensor, std: float, generator: torch.Generator | None = None) -> None:
+    """normal(0, std) into ``out``, drawn on the CPU (the same values on every device)."""
+    on_cpu = out.device.type == "cpu" and out.is_contiguous()
+    target = out if on_cpu else torch.empty(out.shape, dtype=out.dtype)
+    target.normal_(0.0, std, generator=generator)
+    if not on_cpu:
+        out.copy_(target)
 
 
 def check_token_ids(vocab_size: int, **ids: Tensor) -> None:

@@ -42,6 +42,8 @@ def _fix_candidates(cfg: Config) -> list[list[str]]:
         single.append(["model.activation_checkpointing=true"])
     if cfg.parallel.shard == "none":
         single.append(["parallel.shard=fsdp"])
+    elif cfg.parallel.grad_sync == "last_micro_batch":
+        single.append(["parallel.grad_sync=every_micro_batch"])
     batches = []
     micro = cfg.train.micro_batch
     per_rank = cfg.train.global_batch // cfg.parallel.num_workers
@@ -53,6 +55,8 @@ def _fix_candidates(cfg: Config) -> list[list[str]]:
         combos += [a + b for b in single[i + 1:]] + [a + b for b in batches]
     if len(single) == 2:
         combos += [single[0] + single[1] + b for b in batches]
+    if cfg.parallel.shard == "none" and cfg.parallel.grad_sync == "last_micro_batch":
+        combos.append(["parallel.shard=fsdp", "parallel.grad_sync=every_micro_batch"])
     return single + batches + sorted(combos, key=len)
 
 

@@ -31,8 +31,9 @@ class MemoryEstimate:
     logits_loss: float
     """Logits, their fp32 copy, log-softmax and its gradient at the loss."""
     grad_sync: float
-    """shard none: the flat copy the gradient all-reduce makes; fsdp: none beyond the
-    gathered blocks."""
+    """shard none: the flat copy the gradient all-reduce makes; fsdp: the unsharded fp32
+    gradients held from the first micro-batch to the last when they are reduce-scattered
+    once per step (parallel.grad_sync), else none beyond the gathered blocks."""
     optimizer_step: float
     """Temporaries of the AdamW step."""
     overhead: float
@@ -103,6 +104,8 @@ def estimate_memory(cfg: Config, gpu: str | Hardware = "a100-40gb",
       dense FFN's, and its expert buffer and pre-activation (rows at capacity); without
       flash attention the softmax scores (4 x heads x s per token) too;
     - activation checkpointing keeps each block's input and recomputes one block at a time;
+    - under fsdp with gradient accumulation reduced once per step, the unsharded fp32
+      gradients through the micro-batches' forward and backward passes;
     - at the loss, logits in c, their fp32 copy and log-softmax, and in backward their
       fp32 gradients;
     - the backward's working set: the residual's gradient and one wide gradient of a block;
@@ -173,7 +176,13 @@ def estimate_memory(cfg: Config, gpu: str | Hardware = "a100-40gb",
     moe_dispatch, held_at_capacity = held(dispatch_rows(cfg, tokens, no_drop=False))
     moe_no_drop, held_no_drop = held(dispatch_rows(cfg, tokens, no_drop=True))
     distributed = world > 1
-    grad_sync = 4 * max(shape.dense_params, shape.local_expert_params) if distributed and not fsdp else 0.0
+    accumulation = train.global_batch // (train.micro_batch * world)
+    held_unsharded = fsdp and par.grad_sync == "last_micro_batch" and accumulation > 1
+    grad_sync = 0.0
+    if held_unsharded:  # FSDP accumulates every unit's whole gradient until the last backward
+        grad_sync = 4.0 * (shape.dense_params + shape.local_expert_params)
+    elif distributed and not fsdp:
+        grad_sync = 4.0 * max(shape.dense_params, shape.local_expert_params)
     largest = max(v * d, shape.local_experts * d * f)
     if hw.is_gpu:  # foreach AdamW: one fp32 temporary per parameter of the step
         optimizer_step = 4 * local
@@ -182,7 +191,8 @@ def estimate_memory(cfg: Config, gpu: str | Hardware = "a100-40gb",
 
     states = parameters + gradients + optimizer_states
     forward_backward = held_at_capacity if moe.drop_tokens or not moe.enabled else held_no_drop
-    phases = {"forward/backward": states + weight_copies + forward_backward,
+    phases = {"forward/backward": states + weight_copies + forward_backward
+              + (grad_sync if held_unsharded else 0.0),
               "gradient sync": states + grad_sync,
               "optimizer step": states + optimizer_step}
     phase = max(phases, key=lambda k: phases[k])

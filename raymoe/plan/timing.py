@@ -85,10 +85,12 @@ def estimate_time(cfg: Config, gpu: str | Hardware = "a100-40gb", workers: int |
     dense_bw = _group_bandwidth(hw, world, 1)
     replicas = world // ep
     expert_bw = _group_bandwidth(hw, replicas, ep)
-    if par.shard == "fsdp":  # reduce-scatter the gradients, all-gather bf16 weights twice
-        sync = (_ring_seconds(shape.dense_params * (reduce_bytes + 2 * 2), world, dense_bw, False)
-                + _ring_seconds(shape.local_expert_params * (reduce_bytes + 2 * 2), replicas,
-                                expert_bw, False))
+    if par.shard == "fsdp":  # per micro-batch: all-gather bf16 weights twice; reduce-scatter
+        # the gradients after each micro-batch or after the last (parallel.grad_sync)
+        reductions = accumulation if par.grad_sync == "every_micro_batch" else 1
+        per_param = reductions * reduce_bytes + accumulation * 2 * 2
+        sync = (_ring_seconds(shape.dense_params * per_param, world, dense_bw, False)
+                + _ring_seconds(shape.local_expert_params * per_param, replicas, expert_bw, False))
         exposed = max(sync - accumulation * compute, 0.0)
     else:  # one fp32 all-reduce after the backward pass, nothing overlapped
         sync = (_ring_seconds(shape.dense_params * 4, world, dense_bw, True)

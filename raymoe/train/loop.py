@@ -22,16 +22,15 @@ from raymoe.data.shards import DatasetError
 from raymoe.data.stream import Cursor, SequenceReader
 from raymoe.data.tokenizers import TOKENIZER_FILE
 from raymoe.errors import RaymoeError
-from raymoe.model import GPT
 from raymoe.model.precision import autocast, autocast_dtype
 from raymoe.parallel import Mesh
+from raymoe.parallel.build import build_model
 from raymoe.parallel.checkpoint import (
     load_checkpoint,
     load_rank_state,
     save_checkpoint,
     step_directory,
 )
-from raymoe.parallel.shard import shard_model
 from raymoe.runs import complete_checkpoints, latest_checkpoint
 from raymoe.train.metrics import MetricsWriter, StepTimer, step_metrics
 from raymoe.train.optim import build_optimizer, learning_rate, set_learning_rate
@@ -95,9 +94,7 @@ class Trainer:
         self.rank, self.world = self.mesh.dp_rank, self.mesh.dp_size
         """This rank's part of every batch, and how many parts there are."""
         torch.manual_seed(cfg.train.seed)  # same dense init on every rank
-        self.model = GPT(cfg.model, self.mesh.expert_exchange()).to(device)
-        if cfg.parallel.shard == "fsdp":
-            shard_model(self.model, self.mesh, autocast_dtype(device), cfg.parallel.reduce_dtype)
+        self.model = build_model(cfg, self.mesh, device)  # never whole on a rank
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=device.type == "cuda")
         self.blend = open_training_data(cfg)
         self.dataset = self.blend.first
@@ -179,7 +176,8 @@ class Trainer:
             wait_before = self.reader.wait_seconds
             timer.start()
             result = train_step(self.model, self.optimizer, self.mesh, self._micro_batches(),
-                                cfg.optim.grad_clip, autocast_dtype(self.device))
+                                cfg.optim.grad_clip, autocast_dtype(self.device),
+                                cfg.parallel.grad_sync == "every_micro_batch")
             seconds = timer.stop()
             self.step += 1
             if result.skipped:

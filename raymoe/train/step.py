@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.fsdp import FSDPModule
 
 from raymoe.model import GPT
 from raymoe.parallel.grads import global_grad_norm, local_grad, reduce_gradients, scale_gradients
@@ -42,16 +43,23 @@ class StepResult:
 
 def train_step(model: GPT, optimizer: torch.optim.Optimizer, mesh: Mesh,
                micro_batches: Iterable[tuple[Tensor, Tensor]], grad_clip: float,
-               autocast_dtype: torch.dtype | None = None) -> StepResult:
+               autocast_dtype: torch.dtype | None = None,
+               sync_every_micro_batch: bool = False) -> StepResult:
     """Each rank passes its own micro-batches (the same number on every rank); the step
-    equals one process taking all ranks' micro-batches with gradient accumulation."""
+    equals one process taking all ranks' micro-batches with gradient accumulation.
+
+    A sharded model reduce-scatters its gradients after the last micro-batch only
+    (FSDP accumulates them unsharded until then), or after each one when
+    ``sync_every_micro_batch`` (parallel.grad_sync)."""
     batches = list(micro_batches)
     device = next(model.parameters()).device
     layers, experts = len(model.moe_layers), model.cfg.moe.num_experts
     # Per micro-batch means: loss, lm_loss, l_aux, then each MoE layer's dropped fraction.
     means = torch.zeros(3 + layers, device=device)
     counts = torch.zeros(layers, experts, device=device, dtype=torch.long)
-    for inputs, targets in batches:
+    for i, (inputs, targets) in enumerate(batches):
+        if isinstance(model, FSDPModule):
+            model.set_requires_gradient_sync(sync_every_micro_batch or i == len(batches) - 1)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
                             enabled=autocast_dtype is not None):
             out = model(inputs, targets)
