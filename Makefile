@@ -33,7 +33,7 @@ study: $(STAMP)
 	mkdir -p docs && cp runs/study-tiny/validation_loss.png docs/study-tiny.png
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # What needs neither a Ray cluster nor the S3 server: for the edit-test loop.
 test-fast: $(STAMP)
