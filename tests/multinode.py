@@ -91,6 +91,17 @@ class MultiNodeCluster:
                                            "--object-store-memory=200000000"])
         self.workers.append(temp_dir)
 
+    def kill_raylet(self, index: int) -> int:
+        """Take worker node ``index`` away as a lost spot node does: its raylet killed by pid
+        (its workers go with it). Returns the pid."""
+        directory = self.workers.pop(index)
+        for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+            line = " ".join(proc.info["cmdline"] or [])
+            if "raylet" in (proc.info["name"] or "") and f"{directory}-" in line:
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                return proc.info["pid"]
+        raise AssertionError(f"no raylet of {directory} is running")
+
     def raymoe(self, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
         """The raymoe command, run from ``cwd``, its output captured."""
         return subprocess.run([str(BIN / "raymoe"), *args], cwd=cwd, env=self.env(),

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import re
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -237,3 +239,88 @@ def test_a_study_submitted_as_a_job_writes_every_artefact_to_s3(cluster, s3, dat
         assert any(f.startswith("metrics/tensorboard/events.out.tfevents") for f in files)
     tune_state = s3["list"]("studies/.tune/mini-tune")
     assert any(f.startswith("experiment_state") for f in tune_state), tune_state
+
+
+ELASTIC_STEPS = 160
+ELASTIC = [*SMALL[:-2], "model.moe.use_rts=false", "train.micro_batch=2", "train.eval_every=1000",
+           "train.checkpoint_every=4", "parallel.num_workers=[2, 4]", "parallel.ep_size=4",
+           "parallel.cpus_per_worker=1.5", "parallel.resize_check_seconds=5", "train.max_failures=3"]
+"""A step is 4 micro-batches of 2: 4 workers at EP 4, or 2 at EP 2 (3 would idle one)."""
+
+
+def reference_run(dataset_uri: str, directory: Path) -> tuple[dict[int, float], dict]:
+    """The same run uninterrupted, at a fixed size (one process, EP 1, here): step -> loss,
+    and its final data cursor."""
+    import torch
+
+    from raymoe.config import load_config
+    from raymoe.parallel.checkpoint import read_manifest
+    from raymoe.runs import latest_checkpoint
+    from raymoe.train.loop import FileHooks, Trainer
+
+    cfg = load_config("tiny-moe8", [f"data.path={dataset_uri}", *ELASTIC, "parallel.num_workers=1",
+                                    "parallel.ep_size=1", "train.checkpoint_every=100000",
+                                    f"train.max_steps={ELASTIC_STEPS}"])
+    Trainer(cfg, FileHooks(directory, keep=1, rank=0), torch.device("cpu"),
+            metrics_uri=directory / "metrics", log=lambda _: None).run()
+    lines = [json.loads(line) for line in (directory / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    manifest = read_manifest(latest_checkpoint(str(directory)))
+    return {r["step"]: r["lm_loss"] for r in lines if "lm_loss" in r}, manifest["extra"]["cursor"]
+
+
+def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_back_when_one_joins(
+        cluster, s3, dataset_uri, tmp_path):
+    expected, cursor = reference_run(dataset_uri, tmp_path / "reference")
+    while len(cluster.workers) < 2:
+        cluster.add_worker(WORKER_CPUS, memory_gib=2)  # 2 workers of 1.5 CPU each
+
+    def saved() -> dict[int, int]:
+        """Step -> world size of each checkpoint in S3."""
+        steps = [f.split("/")[0] for f in s3["list"]("runs/elastic") if f.endswith("/manifest.json")]
+        return {int(d[5:]): json.loads(s3["read"](f"runs/elastic/{d}/manifest.json"))["world_size"]
+                for d in steps}
+
+    out = tmp_path / "driver.log"
+    with open(out, "w") as log:
+        driver = subprocess.Popen(
+            [str(BIN / "raymoe"), "train", "tiny-moe8", f"data.path={dataset_uri}",
+             f"train.storage={s3['uri']}/runs", "train.run_name=elastic", *ELASTIC,
+             f"train.max_steps={ELASTIC_STEPS}", "--address", cluster.address],
+            cwd=tmp_path, env=cluster.env(), stdout=log, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: 4 in saved(), 300, "the first checkpoint of 4 workers")
+        cluster.kill_raylet(1)
+        wait_until(lambda: 2 in saved().values(), 300, "a checkpoint of 2 workers")
+        cluster.add_worker(WORKER_CPUS, memory_gib=2)
+        assert driver.wait(timeout=600) == 0, out.read_text()[-5000:]
+    finally:
+        if driver.poll() is None:
+            driver.send_signal(signal.SIGINT)
+            driver.wait(timeout=60)
+    output = out.read_text()
+    assert f"finished at step {ELASTIC_STEPS}" in output, output[-5000:]
+    shrink = re.search(r"resize: lost node\(s\) \w{8} \(4 -> 2 workers\): 4 workers, EP 4, 1 micro-batch "
+                       r"of 2 each -> 2 workers, EP 2, 2 micro-batches of 2 each; resumed from step "
+                       r"(\d+) \(the previous group reached step (\d+)\); [\d.]+ s lost", output)
+    grow = re.search(r"resize: added node\(s\) \w{8} \(2 -> 4 workers\): 2 workers, EP 2, 2 "
+                     r"micro-batches of 2 each -> 4 workers, EP 4, 1 micro-batch of 2 each; resumed "
+                     r"from step (\d+)", output)
+    assert shrink and grow, output[-5000:]
+
+    records = [json.loads(line) for line in s3["read"]("runs/elastic/metrics/metrics.jsonl").splitlines()]
+    trained = [(r["step"], r["workers"], r["ep_size"], r["lm_loss"]) for r in records if "lm_loss" in r]
+    assert {(w, ep) for _, w, ep, _ in trained} == {(4, 4), (2, 2)}
+    last = {step: loss for step, _, _, loss in trained}  # a redone step's last line wins
+    assert sorted(last) == list(range(1, ELASTIC_STEPS + 1))
+    for step, loss in last.items():
+        assert loss == pytest.approx(expected[step], abs=1e-4), step
+    # Each group trains on from the checkpoint it resumed from, one step after the other:
+    # past that checkpoint no step (no sequence) is trained twice.
+    # (Lines the lost group wrote after its last upload of metrics.jsonl are gone with it.)
+    resumed = {int(shrink.group(1)), int(grow.group(1))}
+    assert all(trained[i][0] == trained[i - 1][0] + 1 or trained[i][0] - 1 in resumed
+               for i in range(1, len(trained)))
+    assert [w for w, _ in itertools.groupby(w for _, w, _, _ in trained)] == [4, 2, 4]
+    final = json.loads(s3["read"](f"runs/elastic/step-{ELASTIC_STEPS:08d}/manifest.json"))
+    assert final["extra"]["cursor"] == cursor and final["world_size"] == 4
+    assert final["extra"]["tokens"] == ELASTIC_STEPS * 8 * 32

@@ -44,7 +44,7 @@ def _fix_candidates(cfg: Config) -> list[list[str]]:
         single.append(["parallel.shard=fsdp"])
     batches = []
     micro = cfg.train.micro_batch
-    per_rank = cfg.train.global_batch // cfg.parallel.num_workers
+    per_rank = cfg.train.global_batch // cfg.parallel.max_workers
     for smaller in range(micro - 1, 0, -1):
         if per_rank % smaller == 0:
             batches.append([f"train.micro_batch={smaller}"])
