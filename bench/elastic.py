@@ -86,7 +86,7 @@ def main() -> None:
                         help="checkpoint cadences (minutes) to model")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="raymoe-bench-elastic-"))
-    cluster = MultiNodeCluster(root / "ray")
+    cluster = MultiNodeCluster(Path(tempfile.mkdtemp(prefix="raymoe-be-")))  # short: socket paths
     driver = None
     try:
         data = root / "data"
@@ -128,6 +128,10 @@ def main() -> None:
             for cadence in args.cadences:
                 print(f"lost work at {rate:g} preemption/h, checkpoint every {cadence:g} min: "
                       f"{100 * lost_share(rate, cadence, restart, stall):.1f} %")
+    except BaseException:
+        if (root / "driver.log").is_file():
+            print((root / "driver.log").read_text()[-4000:], file=sys.stderr)
+        raise
     finally:
         if driver is not None and driver.poll() is None:
             driver.send_signal(signal.SIGINT)
@@ -136,7 +140,8 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 driver.kill()
         cluster.stop()
-        shutil.rmtree(root, ignore_errors=True)
+        for directory in (root, cluster.root):
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -85,7 +85,10 @@ class MultiNodeCluster:
 
     def add_worker(self, cpus: int, memory_gib: float) -> None:
         """A worker node of ``cpus`` logical CPUs and ``memory_gib`` of Ray memory."""
-        temp_dir = self.root / f"worker{len(self.workers)}"
+        index = 0
+        while any(self.root.glob(f"worker{index}-*")):  # a lost node's directory stays
+            index += 1
+        temp_dir = self.root / f"worker{index}"
         self._ray_start(temp_dir, lambda: [f"--address={self.address}", f"--num-cpus={cpus}",
                                            f"--memory={int(memory_gib * 2**30)}",
                                            "--object-store-memory=200000000"])

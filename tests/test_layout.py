@@ -3,10 +3,13 @@ gets, and the config rules of parallel.num_workers: [MIN, MAX]."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from raymoe.config import ConfigError, load_config
 from raymoe.plan import make_plan
+from raymoe.train.cadence import CheckpointCadence
 from raymoe.train.layout import expert_parallel_size, full_size, layout_config, plan_layout
 
 
@@ -74,3 +77,15 @@ def test_the_planner_sizes_an_elastic_reference_run_at_its_largest_group():
 def test_bad_elastic_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         elastic(*overrides)
+
+
+def test_checkpoints_come_by_steps_and_by_minutes():
+    cfg = load_config("tiny-moe8", ["train.checkpoint_every=5",
+                                    "train.checkpoint_every_minutes=0.002"]).train  # 0.12 s
+    cadence = CheckpointCadence(cfg, distributed=False)
+    assert [cadence.due(step) for step in (1, 2, 5)] == [False, False, True]
+    time.sleep(0.2)
+    assert cadence.due(6)
+    cadence.saved()
+    assert not cadence.due(7)
+    assert not CheckpointCadence(load_config("tiny-moe8").train, distributed=False).due(99)
