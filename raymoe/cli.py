@@ -45,7 +45,7 @@ def plan_options() -> argparse.ArgumentParser:
     options.add_argument("--gpu", choices=list(HARDWARE), default="a100-40gb",
                          help="the GPU type (default: the cluster YAML's A100 40GB)")
     options.add_argument("--workers", type=int, default=None,
-                         help="GPUs of the run (default: parallel.num_workers)")
+                         help="GPUs of the run (default: parallel.num_workers; elastic: its MAX)")
     options.add_argument("--cluster", default=str(CLUSTER_YAML),
                          help="cluster YAML whose GPU instance type prices the run")
     options.add_argument("--price-per-hour", type=float, default=None,

@@ -91,9 +91,12 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    num_workers: int = 1
+    num_workers: int | tuple[int, int] = 1
+    """Training workers (GPUs): a number, or [MIN, MAX] for an elastic worker group that
+    shrinks when nodes are lost and grows back when they return (raymoe.train.elastic)."""
     ep_size: int = 1
-    """Expert-parallel group size: the experts are split over this many ranks."""
+    """Expert-parallel group size: the experts are split over this many ranks. Elastic: the
+    largest EP size used; each worker group size gets the largest that fits it."""
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     """Ray CPUs each training worker reserves (a fraction lets workers share a core on a small
@@ -108,6 +111,20 @@ class ParallelConfig:
     after the last micro-batch (less traffic; each rank holds the unsharded fp32 gradients
     of its dense parameters and experts until then), or after every micro-batch (only
     sharded gradients are held, as in DeepSpeed ZeRO-3)."""
+    resize_check_seconds: float = 60.0
+    """Elastic: how often Ray Train checks whether the cluster now fits more workers."""
+
+    @property
+    def elastic(self) -> bool:
+        return not isinstance(self.num_workers, int)
+
+    @property
+    def min_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[0]
+
+    @property
+    def max_workers(self) -> int:
+        return self.num_workers if isinstance(self.num_workers, int) else self.num_workers[1]
 
 
 @dataclass
@@ -163,6 +180,10 @@ class TrainConfig:
     eval_every: int = 1000
     eval_batches: int = 20
     checkpoint_every: int = 1000
+    checkpoint_every_minutes: float = 0.0
+    """Also checkpoint when this many minutes passed since the last checkpoint (0: off),
+    all ranks at the same step: on spot nodes the work lost to a preemption is the work
+    since the last checkpoint."""
     keep_checkpoints: int = 3
     max_failures: int = 0
     """Worker-group restarts after a worker dies, each from the latest checkpoint."""
@@ -210,16 +231,23 @@ class Config:
                      f"parallel.ep_size={par.ep_size}")
         else:
             _require(par.ep_size == 1, "parallel.ep_size", "must be 1 for a dense model")
-        _require(par.num_workers >= 1, "parallel.num_workers", "must be >= 1")
-        _require(par.ep_size >= 1 and par.num_workers % par.ep_size == 0, "parallel.ep_size",
-                 f"parallel.ep_size={par.ep_size} must divide parallel.num_workers={par.num_workers}")
         t = self.train
         _require(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
         for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "nan_tolerance"):
             _require(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
-        _require(t.global_batch % (t.micro_batch * par.num_workers) == 0, "train.global_batch",
-                 f"{t.global_batch} is not a multiple of train.micro_batch x parallel.num_workers "
-                 f"= {t.micro_batch} x {par.num_workers}")
+        _require(t.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes",
+                 f"must be >= 0 (0: by steps only), got {t.checkpoint_every_minutes}")
+        _require(par.ep_size >= 1, "parallel.ep_size", "must be >= 1")
+        if par.elastic:
+            _validate_elastic(self)
+        else:
+            _require(par.min_workers >= 1, "parallel.num_workers",
+                     f"expected a number >= 1 or [MIN, MAX] with 1 <= MIN <= MAX, got {par.num_workers}")
+            _require(par.min_workers % par.ep_size == 0, "parallel.ep_size",
+                     f"parallel.ep_size={par.ep_size} must divide parallel.num_workers={par.num_workers}")
+            _require(t.global_batch % (t.micro_batch * par.min_workers) == 0, "train.global_batch",
+                     f"{t.global_batch} is not a multiple of train.micro_batch x parallel.num_workers "
+                     f"= {t.micro_batch} x {par.num_workers}")
         d = self.data
         _require(not (d.path and d.blend), "data.blend", "give data.path or data.blend, not both")
         for i, entry in enumerate(d.blend):
@@ -234,6 +262,27 @@ class Config:
 
     def to_dict(self) -> dict[str, Any]:
         return _to_plain(dataclasses.asdict(self))
+
+
+def _validate_elastic(cfg: Config) -> None:
+    """[MIN, MAX]: every size from MIN up must be able to train (raymoe.train.elastic plans
+    each), so MIN itself must keep the global batch."""
+    par, t = cfg.parallel, cfg.train
+    low, high = par.min_workers, par.max_workers
+    _require(1 <= low <= high, "parallel.num_workers",
+             f"expected [MIN, MAX] with 1 <= MIN <= MAX, got [{low}, {high}]")
+    _require(t.global_batch % t.micro_batch == 0, "train.global_batch",
+             f"{t.global_batch} is not a multiple of train.micro_batch={t.micro_batch}")
+    micro_batches = t.global_batch // t.micro_batch
+    _require(micro_batches % low == 0, "parallel.num_workers",
+             f"MIN={low} workers cannot keep the global batch: its {micro_batches} micro-batches "
+             f"(train.global_batch / train.micro_batch = {t.global_batch} / {t.micro_batch}) do "
+             f"not split evenly over {low}; choose a MIN that divides {micro_batches}")
+    _require(par.resize_check_seconds > 0, "parallel.resize_check_seconds",
+             f"must be > 0, got {par.resize_check_seconds}")
+    _require(t.max_failures != 0, "train.max_failures",
+             f"an elastic run (parallel.num_workers [{low}, {high}]) restarts when a node is lost, "
+             "which counts as a failure: set train.max_failures >= 1 (or -1 for no limit)")
 
 
 def _require(ok: bool, key: str, problem: str) -> None:
@@ -269,7 +318,10 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
                 return _coerce(value, arg, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} fits none of {args}")
+        if len(errors) == 1:
+            raise ConfigError(errors[0])
+        kinds = " or ".join(_describe(a) for a in args if a is not type(None))
+        raise ConfigError(f"{key}: expected {kinds}, got {value!r}")
     if origin is list:
         (arg,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
@@ -302,6 +354,16 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise TypeError(f"unsupported config annotation {tp!r} at {key}")
+
+
+def _describe(tp: Any) -> str:
+    """A type as a config file spells it: int, [int, int], a list of str."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        return "[" + ", ".join(_describe(a) for a in typing.get_args(tp)) + "]"
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(tp)[0])}"
+    return getattr(tp, "__name__", str(tp))
 
 
 def _as_number(value: Any) -> float | int | None:
@@ -409,7 +471,8 @@ def _reference(name: str, n_layer: int, d_model: int, n_head: int, *, lr: float,
                init_std: float = 0.014, experts: int = 0,
                grad_sync: str = "last_micro_batch") -> dict[str, Any]:
     """A model of the DeepSpeed-MoE NLG paper with the public scripts' recipe (activation
-    checkpointing on, as they ran), sharded (FSDP) so that it fits an A100 40 GB."""
+    checkpointing on, as they ran), sharded (FSDP) so that it fits an A100 40 GB; on 128
+    GPUs, elastic down to 64 (spot nodes), checkpointing every 30 minutes."""
     moe = {"num_experts": experts, "every": 2, "top_k": 1, "capacity_factor": 1.0,
            "eval_capacity_factor": 1.0, "min_capacity": 4, "drop_tokens": True,
            "use_rts": True, "loss_coef": 0.01}
@@ -419,12 +482,12 @@ def _reference(name: str, n_layer: int, d_model: int, n_head: int, *, lr: float,
         "model": {"vocab_size": 50257, "pad_vocab_to": 128, "seq_len": 2048, "n_layer": n_layer,
                   "d_model": d_model, "n_head": n_head, "init_std": init_std,
                   "activation_checkpointing": True, "moe": moe},
-        "parallel": {"num_workers": 128, "ep_size": min(experts, 128) if experts else 1,
+        "parallel": {"num_workers": [64, 128], "ep_size": min(experts, 128) if experts else 1,
                      "use_gpu": True, "shard": "fsdp", "grad_sync": grad_sync},
         "optim": {"lr": lr, "min_lr_ratio": 0.01, "betas": [0.9, 0.95], "weight_decay": 0.1,
                   "grad_clip": 1.0, "warmup_tokens": 375_000_000, "decay_tokens": tokens},
         "train": {"global_batch": batch, "micro_batch": 2 if batch == 256 else 4,
-                  "total_tokens": tokens},
+                  "total_tokens": tokens, "max_failures": -1, "checkpoint_every_minutes": 30},
     }
 
 

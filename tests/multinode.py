@@ -85,11 +85,25 @@ class MultiNodeCluster:
 
     def add_worker(self, cpus: int, memory_gib: float) -> None:
         """A worker node of ``cpus`` logical CPUs and ``memory_gib`` of Ray memory."""
-        temp_dir = self.root / f"worker{len(self.workers)}"
+        index = 0
+        while any(self.root.glob(f"worker{index}-*")):  # a lost node's directory stays
+            index += 1
+        temp_dir = self.root / f"worker{index}"
         self._ray_start(temp_dir, lambda: [f"--address={self.address}", f"--num-cpus={cpus}",
                                            f"--memory={int(memory_gib * 2**30)}",
                                            "--object-store-memory=200000000"])
         self.workers.append(temp_dir)
+
+    def kill_raylet(self, index: int) -> int:
+        """Take worker node ``index`` away as a lost spot node does: its raylet killed by pid
+        (its workers go with it). Returns the pid."""
+        directory = self.workers.pop(index)
+        for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+            line = " ".join(proc.info["cmdline"] or [])
+            if "raylet" in (proc.info["name"] or "") and f"{directory}-" in line:
+                os.kill(proc.info["pid"], signal.SIGKILL)
+                return proc.info["pid"]
+        raise AssertionError(f"no raylet of {directory} is running")
 
     def raymoe(self, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
         """The raymoe command, run from ``cwd``, its output captured."""

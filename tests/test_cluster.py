@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from raymoe.config import PRESETS, load_config
+from raymoe.train.layout import plan_layout
 
 CLUSTER = Path(__file__).resolve().parents[1] / "cluster"
 REFERENCE = [p for p in PRESETS if not p.startswith("tiny")]
@@ -63,11 +64,12 @@ def test_reference_runs_fit_the_clusters(preset):
     cfg = load_config(preset)
     par, moe = cfg.parallel, cfg.model.moe
     assert gpu_capacity_aws() == gpu_capacity_kuberay() == 128
-    assert par.use_gpu and par.num_workers <= gpu_capacity_aws()
-    assert par.num_workers % par.ep_size == 0
-    if moe.enabled:
-        assert moe.num_experts % par.ep_size == 0 and par.ep_size in (64, 128)
-    assert cfg.train.global_batch % (cfg.train.micro_batch * par.num_workers) == 0
+    assert par.use_gpu and par.elastic and par.max_workers <= gpu_capacity_aws()
+    for size in (par.min_workers, par.max_workers):  # both ends train, at EP 64 or 128
+        layout = plan_layout(cfg, size)
+        assert layout.workers == size and not layout.skipped
+        if moe.enabled:
+            assert layout.ep_size in (64, 128)
 
 
 def test_kuberay_manifests_have_the_expected_layout():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import os
 import re
@@ -237,3 +238,100 @@ def test_a_study_submitted_as_a_job_writes_every_artefact_to_s3(cluster, s3, dat
         assert any(f.startswith("metrics/tensorboard/events.out.tfevents") for f in files)
     tune_state = s3["list"]("studies/.tune/mini-tune")
     assert any(f.startswith("experiment_state") for f in tune_state), tune_state
+
+
+ELASTIC_STEPS = 150
+ELASTIC = [*SMALL[:-2], "model.moe.use_rts=false", "optim.lr=1e-4", "train.micro_batch=2",
+           "train.eval_every=1000", "train.checkpoint_every=4", "parallel.num_workers=[2, 4]",
+           "parallel.ep_size=4", "parallel.cpus_per_worker=1.5", "parallel.resize_check_seconds=5",
+           "train.max_failures=3"]
+"""A step is 4 micro-batches of 2: 4 workers at EP 4, or 2 at EP 2 (3 would idle one). Each
+layout sums in another order, so the last bits differ, and training amplifies that by the
+learning rate: at the preset's 2e-3 the losses of 86 steps were 2.4e-4 apart (another
+batch of data moves them by far more than 1e-4 at any rate)."""
+PACE = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30"}
+"""The job's environment: a report a step, taken by the controller once a second, holds
+the run to about a step a second, so that a node's start (about a minute here) takes
+fewer steps than the run has left; a group start at the lost size (Ray sees the node for
+up to its 20 s refresh) gives up after 30 s, not 60."""
+
+
+def reference_run(dataset_uri: str, directory: Path) -> tuple[dict[int, float], dict]:
+    """The same run uninterrupted, at a fixed size (one process, EP 1, here): step -> loss,
+    and its final data cursor."""
+    import torch
+
+    from raymoe.config import load_config
+    from raymoe.parallel.checkpoint import read_manifest
+    from raymoe.runs import latest_checkpoint
+    from raymoe.train.loop import FileHooks, Trainer
+
+    cfg = load_config("tiny-moe8", [f"data.path={dataset_uri}", *ELASTIC, "parallel.num_workers=1",
+                                    "parallel.ep_size=1", "train.checkpoint_every=100000",
+                                    f"train.max_steps={ELASTIC_STEPS}"])
+    Trainer(cfg, FileHooks(directory, keep=1, rank=0), torch.device("cpu"),
+            metrics_uri=directory / "metrics", log=lambda _: None).run()
+    lines = [json.loads(line) for line in (directory / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    latest = latest_checkpoint(str(directory))
+    assert latest is not None
+    return {r["step"]: r["lm_loss"] for r in lines if "lm_loss" in r}, read_manifest(latest)["extra"]["cursor"]
+
+
+def test_an_elastic_run_shrinks_when_a_node_is_lost_and_grows_back_when_one_joins(
+        cluster, s3, dataset_uri, new_driver_dir):
+    driver = new_driver_dir()
+    expected, cursor = reference_run(dataset_uri, driver / "reference")
+    while len(cluster.workers) < 2:
+        cluster.add_worker(WORKER_CPUS, memory_gib=2)  # 2 workers of 1.5 CPU each
+
+    def saved() -> dict[int, int]:
+        """Step -> world size of each checkpoint in S3."""
+        try:
+            files = s3["list"]("runs/elastic")
+        except FileNotFoundError:  # before the first upload
+            return {}
+        steps = [f.split("/")[0] for f in files if f.endswith("/manifest.json")]
+        return {int(d[5:]): json.loads(s3["read"](f"runs/elastic/{d}/manifest.json"))["world_size"]
+                for d in steps}
+
+    (driver / "pace.env").write_text("".join(f"{k}={v}\n" for k, v in PACE.items()))
+    submitted = cluster.raymoe("submit", "train", "tiny-moe8", f"data.path={dataset_uri}",
+                               f"train.storage={s3['uri']}/runs", "train.run_name=elastic", *ELASTIC,
+                               f"train.max_steps={ELASTIC_STEPS}", "--address", cluster.job_server,
+                               "--working-dir", str(REPO), "--env-file", str(driver / "pace.env"),
+                               cwd=driver)
+    assert submitted.returncode == 0, submitted.stderr
+    job = job_id_of(submitted.stdout)
+    jobs = RaymoeJobs(cluster.job_server, token=cluster.token)
+    wait_until(lambda: 4 in saved().values(), 300, "a checkpoint of the group of 4")
+    cluster.kill_raylet(1)
+    wait_until(lambda: 2 in saved().values(), 300, "a checkpoint of the group of 2")
+    cluster.add_worker(WORKER_CPUS, memory_gib=2)
+    status = jobs.wait(job, timeout=600)
+    output = jobs.logs(job)
+    assert status == "SUCCEEDED", output[-5000:]
+    assert f"finished at step {ELASTIC_STEPS}" in output, output[-5000:]
+    shrink = re.search(r"resize: lost node\(s\) \w{8} \(4 -> 2 workers\): 4 workers, EP 4, 1 "
+                       r"micro-batch of 2 each -> 2 workers, EP 2, 2 micro-batches of 2 each; resumed "
+                       r"from step (\d+) \(the previous group reached step \d+\); [\d.]+ s lost", output)
+    grow = re.search(r"resize: added node\(s\) \w{8} \(2 -> 4 workers\): 2 workers, EP 2, 2 "
+                     r"micro-batches of 2 each -> 4 workers, EP 4, 1 micro-batch of 2 each; resumed "
+                     r"from step (\d+)", output)
+    assert shrink and grow, output[-5000:]
+
+    records = [json.loads(line) for line in s3["read"]("runs/elastic/metrics/metrics.jsonl").splitlines()]
+    trained = [(r["step"], r["workers"], r["ep_size"], r["lm_loss"]) for r in records if "lm_loss" in r]
+    assert [w for w, _ in itertools.groupby((w, ep) for _, w, ep, _ in trained)] == [(4, 4), (2, 2), (4, 4)]
+    last = {step: loss for step, _, _, loss in trained}  # a redone step's last line wins
+    assert sorted(last) == list(range(1, ELASTIC_STEPS + 1))
+    for step, loss in last.items():
+        assert loss == pytest.approx(expected[step], abs=1e-4), step
+    # Each group trains on from the checkpoint it resumed from, one step after the other:
+    # past that checkpoint no step (no sequence) is trained twice. (Lines the lost group
+    # wrote after its last upload of metrics.jsonl are gone with it.)
+    resumed = {int(shrink.group(1)), int(grow.group(1))}
+    assert all(trained[i][0] == trained[i - 1][0] + 1 or trained[i][0] - 1 in resumed
+               for i in range(1, len(trained)))
+    final = json.loads(s3["read"](f"runs/elastic/step-{ELASTIC_STEPS:08d}/manifest.json"))
+    assert final["extra"]["cursor"] == cursor and final["world_size"] == 4
+    assert final["extra"]["tokens"] == ELASTIC_STEPS * 8 * 32

@@ -108,6 +108,28 @@ def test_killed_worker_restarts_from_the_last_checkpoint(dataset, uninterrupted)
     assert final_cursor(result) == cursor
 
 
+def test_an_elastic_group_too_large_for_the_batch_trains_on_part_and_checkpoints_by_time(
+        dataset, uninterrupted):
+    """Ray starts 3 workers ([1, 3] on 4 CPUs); a step's 2 micro-batches split over 2: two
+    train, one idles through the run. Checkpoints come by the clock (the step rule is
+    never due before the end), every rank at the same step."""
+    storage, expected, cursor = uninterrupted
+    result = train_on_ray(config(dataset, str(storage), "elastic", "train.max_steps=12",
+                                 "parallel.num_workers=[1, 3]", "train.max_failures=1",
+                                 "train.checkpoint_every=1000", "train.checkpoint_every_minutes=0.01"))
+    assert result.error is None and result.metrics["step"] == 12
+    got = losses(storage, "elastic")
+    for step in range(1, 13):
+        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+    assert final_cursor(result) == cursor
+    records = [json.loads(line) for line in
+               (storage / "elastic" / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    assert {(r["workers"], r["ep_size"], r["idle_workers"]) for r in records if "lm_loss" in r} == {
+        (2, 1, 1)}
+    saved = sorted(p.parent.name for p in (storage / "elastic").glob("step-*/manifest.json"))
+    assert len(saved) >= 2 and saved[-1] == "step-00000012", saved
+
+
 def test_checkpoints_to_s3_and_resumes_from_them(dataset, s3_server, tmp_path):
     storage = f"s3://{s3_server['bucket']}/runs"
     first = train_on_ray(config(dataset, storage, "on-s3", "train.max_steps=2",

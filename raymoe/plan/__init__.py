@@ -46,7 +46,7 @@ def _fix_candidates(cfg: Config) -> list[list[str]]:
         single.append(["parallel.grad_sync=every_micro_batch"])
     batches = []
     micro = cfg.train.micro_batch
-    per_rank = cfg.train.global_batch // cfg.parallel.num_workers
+    per_rank = cfg.train.global_batch // cfg.parallel.max_workers
     for smaller in range(micro - 1, 0, -1):
         if per_rank % smaller == 0:
             batches.append([f"train.micro_batch={smaller}"])

@@ -66,7 +66,7 @@ def estimate_cost(cfg: Config, hw: Hardware, time: TimeEstimate, cluster_yaml: P
         source += f", on-demand ${price_per_hour:.2f}/h (us-east-1 list price)"
     else:
         source += f", ${price_per_hour:.2f}/h as given"
-    nodes = math.ceil(cfg.parallel.num_workers / hw.gpus_per_node)
+    nodes = math.ceil(cfg.parallel.max_workers / hw.gpus_per_node)
     tokens = cfg.train.total_tokens
     hours = tokens / time.tokens_per_second / 3600
     cost = hours * nodes * price_per_hour

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from raymoe.config import Config, with_overrides
 from raymoe.plan.hardware import Hardware, hardware
 from raymoe.plan.sizes import model_shape
+from raymoe.train.layout import layout_config, plan_layout
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,10 @@ class MemoryEstimate:
 
 
 def with_workers(cfg: Config, workers: int | None) -> Config:
+    """``cfg`` at ``workers`` GPUs; an elastic config at that size of its range (default: its
+    largest), laid out as the run would lay it out."""
+    if cfg.parallel.elastic:
+        return layout_config(cfg, plan_layout(cfg, workers or cfg.parallel.max_workers))
     if workers is None or workers == cfg.parallel.num_workers:
         return cfg
     return with_overrides(cfg, [f"parallel.num_workers={workers}"])
@@ -114,10 +119,10 @@ def estimate_memory(cfg: Config, gpu: str | Hardware = "a100-40gb",
     CPU steps and of MemTracker at gpt-1.3b (tests/test_plan_memory.py).
     """
     cfg = with_workers(cfg, workers)
-    hw = hardware(gpu, cfg.parallel.num_workers)
+    hw = hardware(gpu, cfg.parallel.max_workers)
     m, moe, par, train = cfg.model, cfg.model.moe, cfg.parallel, cfg.train
     shape = model_shape(cfg)
-    world = par.num_workers
+    world = par.max_workers
     fsdp = par.shard == "fsdp"
     c, d, f, v = hw.compute_bytes, m.d_model, m.d_ffn, m.padded_vocab_size
     ckpt = m.activation_checkpointing

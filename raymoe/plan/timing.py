@@ -57,12 +57,12 @@ def _group_bandwidth(hw: Hardware, size: int, stride: int) -> float:
 
 def estimate_time(cfg: Config, gpu: str | Hardware = "a100-40gb", workers: int | None = None) -> TimeEstimate:
     cfg = with_workers(cfg, workers)
-    hw = hardware(gpu, cfg.parallel.num_workers)
+    hw = hardware(gpu, cfg.parallel.max_workers)
     if not hw.is_gpu:
         raise PlanError("step time is predicted for GPUs only")
     m, moe, par, train = cfg.model, cfg.model.moe, cfg.parallel, cfg.train
     shape = model_shape(cfg)
-    world, ep = par.num_workers, par.ep_size
+    world, ep = par.max_workers, par.ep_size
     tokens = train.micro_batch * m.seq_len
     accumulation = train.global_batch // (train.micro_batch * world)
     ckpt = m.activation_checkpointing

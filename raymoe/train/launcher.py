@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import tempfile
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
+from ray.experimental.internal_kv import _internal_kv_del
 from ray.train import (
     Checkpoint,
     CheckpointConfig,
@@ -30,6 +32,7 @@ from raymoe.data.storage import is_s3, locate
 from raymoe.plan import check_fits, device_hardware
 from raymoe.runs import absolute, run_location
 from raymoe.train.capacity import WaitPolicy, WorkerGroupDemand, worker_group_capacity
+from raymoe.train.layout import layout_config, plan_layout
 
 
 class RayTrainHooks:
@@ -63,6 +66,9 @@ class RayTrainHooks:
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
                          delete_local_checkpoint_after_upload=True)
 
+    def on_step(self, step: int, seconds: float, saved: bool) -> None:
+        pass
+
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
     import logging
@@ -70,14 +76,39 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from raymoe.console import quiet_ray
+    from raymoe.train.elastic import (
+        ElasticHooks,
+        ResizeLog,
+        form_training_group,
+        gather_nodes,
+        idle_until_done,
+    )
     from raymoe.train.loop import Trainer
 
     quiet_ray()
     cfg = config_from_dict(loop_config["config"])
     log = logging.getLogger("raymoe").info  # Ray Train sends worker logs to the console once
+    context = ray.train.get_context()
+    rank = context.get_world_rank()
+    layout = plan_layout(cfg, context.get_world_size())
+    members = gather_nodes(rank)
+    if rank == 0:
+        for reason in layout.skipped:
+            log(f"layout: {reason}")
+        if layout.idle:
+            log(f"layout: training on {layout.workers} of {layout.available} workers, "
+                f"{layout.idle} idle until the next resize: {layout.describe()}")
+    if not form_training_group(layout, rank, members):
+        idle_until_done()
+        return
+    cfg = layout_config(cfg, layout)
     device = ray.train.torch.get_device()
     check_gpu_fits(cfg, device)
-    Trainer(cfg, RayTrainHooks(), device, loop_config["metrics_uri"], log=log).run()
+    resize_log = (ResizeLog(loop_config["resize_key"], layout, [m[0] for m in members], log)
+                  if rank == 0 else None)
+    hooks = ElasticHooks(RayTrainHooks(), layout.idle > 0, resize_log)
+    with hooks.training():
+        Trainer(cfg, hooks, device, loop_config["metrics_uri"], log=log, idle_workers=layout.idle).run()
 
 
 def check_gpu_fits(cfg: Config, device: torch.device) -> None:
@@ -105,12 +136,18 @@ def train_on_ray(cfg: Config, wait: WaitPolicy = "auto", timeout: float = 1800.0
     where = run_location(cfg)
     par = cfg.parallel
     storage = locate(where.storage)
+    resize_key = f"raymoe/resize/{where.name}/{uuid.uuid4().hex}"
+    # Train V2's ScalingConfig (Ray 2.60's default) takes (MIN, MAX); mypy reads V1's.
+    scaling: dict[str, Any] = {"num_workers": par.num_workers, "use_gpu": par.use_gpu,
+                               "resources_per_worker": {"CPU": par.cpus_per_worker}}
+    if par.elastic:
+        scaling["elastic_resize_monitor_interval_s"] = par.resize_check_seconds
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"config": cfg.to_dict(), "metrics_uri": where.metrics_uri},
+        train_loop_config={"config": cfg.to_dict(), "metrics_uri": where.metrics_uri,
+                           "resize_key": resize_key},
         torch_config=TorchConfig(backend="nccl" if par.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=par.num_workers, use_gpu=par.use_gpu,
-                                     resources_per_worker={"CPU": par.cpus_per_worker}),
+        scaling_config=ScalingConfig(**scaling),
         run_config=RunConfig(
             # As RunConfig wants it: with a filesystem object, a path without the scheme.
             name=where.name, storage_path=storage.path,
@@ -120,7 +157,10 @@ def train_on_ray(cfg: Config, wait: WaitPolicy = "auto", timeout: float = 1800.0
             # Train V2's RunConfig (Ray 2.60's default) has logging_config; mypy reads V1's.
             logging_config=LoggingConfig(log_level="WARNING"), callbacks=callbacks),  # type: ignore[call-arg]
     )
-    demand = WorkerGroupDemand(par.num_workers, par.cpus_per_worker, 1.0 if par.use_gpu else 0.0)
+    demand = WorkerGroupDemand(par.min_workers, par.cpus_per_worker, 1.0 if par.use_gpu else 0.0)
     with worker_group_capacity(demand, wait, timeout):
         print(f"run {where.name}: checkpoints and metrics (TensorBoard, metrics.jsonl) in {where.uri}")
-        return trainer.fit()
+        try:
+            return trainer.fit()
+        finally:
+            _internal_kv_del(resize_key.encode())

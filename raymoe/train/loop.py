@@ -32,6 +32,7 @@ from raymoe.parallel.checkpoint import (
     step_directory,
 )
 from raymoe.runs import complete_checkpoints, latest_checkpoint
+from raymoe.train.cadence import CheckpointCadence
 from raymoe.train.metrics import MetricsWriter, StepTimer, step_metrics
 from raymoe.train.optim import build_optimizer, learning_rate, set_learning_rate
 from raymoe.train.preflight import open_training_data
@@ -51,6 +52,9 @@ class RunHooks(Protocol):
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         """Publish metrics (and a written checkpoint)."""
+
+    def on_step(self, step: int, seconds: float, saved: bool) -> None:
+        """After every trained step (``saved``: a checkpoint of it was written)."""
 
 
 @dataclass
@@ -85,11 +89,16 @@ class FileHooks:
                 f.unlink()
             old.rmdir()
 
+    def on_step(self, step: int, seconds: float, saved: bool) -> None:
+        pass
+
 
 class Trainer:
     def __init__(self, cfg: Config, hooks: RunHooks, device: torch.device,
-                 metrics_uri: str | Path | None = None, log=print):
+                 metrics_uri: str | Path | None = None, log=print, idle_workers: int = 0):
         self.cfg, self.hooks, self.device, self.log = cfg, hooks, device, log
+        self.idle_workers = idle_workers
+        """Workers of an elastic group beside this one's that wait (raymoe.train.layout)."""
         self.mesh = Mesh(cfg.parallel.ep_size)
         self.rank, self.world = self.mesh.dp_rank, self.mesh.dp_size
         """This rank's part of every batch, and how many parts there are."""
@@ -103,6 +112,7 @@ class Trainer:
         """A trained tokenizer, read once, copied into every checkpoint (self-contained)."""
         self.metrics = MetricsWriter(metrics_uri) if metrics_uri is not None and self.rank == 0 else None
         self.step, self.tokens, self.skipped, self.consecutive_nan = 0, 0, 0, 0
+        self.cadence = CheckpointCadence(cfg.train, self.mesh.is_distributed)
         cursor = self._resume()
         self.reader = self._reader("train", cfg.train.global_batch, cursor)
 
@@ -194,8 +204,10 @@ class Trainer:
                 validation = self.validate()
                 metrics.update(val_loss=validation, val_perplexity=math.exp(min(validation, 50.0)))
             checkpoint = None
-            if self.step % t.checkpoint_every == 0 or self._done():
+            if self._done() or self.cadence.due(self.step):
                 checkpoint = self.save()
+                self.cadence.saved()
+            self.hooks.on_step(self.step, seconds, checkpoint is not None)
             if metrics or checkpoint is not None:
                 metrics.update(step=self.step, tokens=self.tokens)
                 self._publish(metrics, checkpoint)

@@ -62,6 +62,7 @@ def step_metrics(trainer: Trainer, result: StepResult, lr: float, seconds: float
         "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_step / seconds,
         "samples_per_s": trainer.cfg.train.global_batch / seconds, "step_seconds": seconds,
         "data_wait_s": data_wait, "skipped_steps": trainer.skipped,
+        "workers": trainer.world, "ep_size": trainer.mesh.ep_size, "idle_workers": trainer.idle_workers,
     }
     peak = peak_flops(trainer.device, trainer.cfg.train.peak_flops)
     if peak:

@@ -1,0 +1,165 @@
+"""An elastic worker group on Ray Train: what each (re)started group does before training.
+
+Ray Train (``ScalingConfig(num_workers=(MIN, MAX))``) restarts the train function on every
+worker whenever the group changes size: a lost node fails the group and it restarts with
+the workers the cluster still holds; the resize check (every
+``parallel.resize_check_seconds``) restarts it larger when nodes join. Each start:
+
+1. plans the layout for the group's size (raymoe.train.layout); when that size cannot keep
+   the global batch, the workers above the largest size that can form no part of the
+   training: the training ranks build a process group of their own, and the others stay
+   idle (they only take part in Ray Train's reports, which every worker must join) until
+   the run ends or the next resize restarts the group;
+2. resumes from the latest checkpoint (the loop does), resharded to the layout;
+3. logs, at its first step, what changed since the previous group: the nodes lost or
+   added, the old and the new layout, the step resumed from and the seconds lost.
+
+The previous group's record lives in Ray's key-value store of the cluster (GCS), under a
+key the driver chooses per run and deletes at the end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+import torch.distributed as dist
+from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
+from ray.train.collective import broadcast_from_rank_zero
+
+from raymoe.train.layout import Layout
+from raymoe.train.loop import RunHooks
+
+KEEP_SAVED = 16
+"""Checkpoint times remembered (resume picks one of the last few)."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def gather_nodes(rank: int) -> list[str]:
+    """The Ray node of every rank of the group, and on rank 0 a port for a smaller group."""
+    mine = (ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(),
+            _free_port() if rank == 0 else 0)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def form_training_group(layout: Layout, rank: int, members: list[Any]) -> bool:
+    """Leave ranks [0, layout.workers) in a process group of their own when the group is
+    larger than the layout; returns whether this rank trains."""
+    if layout.idle == 0:
+        return True
+    backend = dist.get_backend()
+    _, address, port = members[0]
+    dist.destroy_process_group()
+    if rank >= layout.workers:
+        return False
+    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank,
+                            world_size=layout.workers, timeout=datetime.timedelta(minutes=30))
+    return True
+
+
+def idle_until_done() -> None:
+    """An idle worker: join every report of the training ranks (Ray Train waits for all
+    workers), until they say the run is done."""
+    while broadcast_from_rank_zero(None):
+        ray.train.report({})
+
+
+class ResizeLog:
+    """Rank 0's record of its group in the cluster's key-value store, and the line that
+    compares it with the previous group's."""
+
+    def __init__(self, key: str, layout: Layout, nodes: list[str], log: Callable[[str], None],
+                 clock: Callable[[], float] = time.time):
+        self.key, self.layout, self.log, self.clock = key.encode(), layout, log, clock
+        raw = _internal_kv_get(self.key)
+        self.previous: dict[str, Any] | None = json.loads(raw) if raw else None
+        self.record: dict[str, Any] = {
+            "nodes": sorted(set(nodes)), "available": layout.available, "workers": layout.workers,
+            "layout": layout.describe(), "last": None,
+            "saved": self.previous["saved"] if self.previous else {}}
+        self.first = True
+        self.written = float("-inf")
+        self._write()
+
+    def _write(self) -> None:
+        _internal_kv_put(self.key, json.dumps(self.record).encode(), overwrite=True)
+        self.written = time.monotonic()
+
+    def on_step(self, step: int, seconds: float, saved: bool) -> None:
+        now = self.clock()
+        if self.first and self.previous is not None:
+            self.log(self.describe_resize(step - 1, now - seconds))
+        self.first = False
+        self.record["last"] = [step, now]
+        if saved:
+            self.record["saved"][str(step)] = now
+            self.record["saved"] = dict(sorted(self.record["saved"].items(),
+                                               key=lambda kv: int(kv[0]))[-KEEP_SAVED:])
+        if saved or time.monotonic() - self.written >= 1.0:
+            self._write()
+
+    def describe_resize(self, resumed: int, started: float) -> str:
+        """The resize line: what changed, old and new layout, resumed step, seconds lost
+        (from the previous group's last step to this group's first, plus the time the
+        previous group had spent past the checkpoint resumed from)."""
+        prev = self.previous
+        assert prev is not None
+        lost = sorted(set(prev["nodes"]) - set(self.record["nodes"]))
+        added = sorted(set(self.record["nodes"]) - set(prev["nodes"]))
+        changes = ([f"lost node(s) {', '.join(n[:8] for n in lost)}"] if lost else []) + \
+                  ([f"added node(s) {', '.join(n[:8] for n in added)}"] if added else [])
+        what = "; ".join(changes) or "restarted on the same nodes (a worker failed)"
+        line = (f"resize: {what} ({prev['available']} -> {self.layout.available} workers): "
+                f"{prev['layout']} -> {self.layout.describe()}; resumed from step {resumed}")
+        last = prev["last"]
+        resumed_at = prev["saved"].get(str(resumed))
+        if last is not None and resumed_at is not None:
+            restart, redo = started - last[1], last[1] - resumed_at
+            line += (f" (the previous group reached step {last[0]}); {restart + redo:.1f} s lost: "
+                     f"{restart:.1f} s restarting, {redo:.1f} s of work redone")
+        return line
+
+
+class ElasticHooks:
+    """The run's hooks (Ray Train's) for the training ranks of a group: with idle workers,
+    each report is announced to them first; rank 0 keeps the ResizeLog."""
+
+    def __init__(self, inner: RunHooks, announce: bool, resize_log: ResizeLog | None):
+        self.inner, self.announce, self.resize_log = inner, announce, resize_log
+
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
+        return self.inner.latest_checkpoint()
+
+    def new_checkpoint_dir(self, step: int) -> Path:
+        return self.inner.new_checkpoint_dir(step)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+        if self.announce:
+            broadcast_from_rank_zero(True)
+        self.inner.report(metrics, checkpoint_dir, step)
+
+    def on_step(self, step: int, seconds: float, saved: bool) -> None:
+        if self.resize_log is not None:
+            self.resize_log.on_step(step, seconds, saved)
+
+    @contextlib.contextmanager
+    def training(self) -> Iterator[None]:
+        """Around the loop: when it ends, the idle workers are let go."""
+        yield
+        if self.announce:
+            broadcast_from_rank_zero(False)

@@ -1,0 +1,91 @@
+"""Elastic layouts: the EP size, the worker count and the accumulation each group size
+gets, and the config rules of parallel.num_workers: [MIN, MAX]."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from raymoe.config import ConfigError, load_config
+from raymoe.plan import make_plan
+from raymoe.train.cadence import CheckpointCadence
+from raymoe.train.layout import expert_parallel_size, full_size, layout_config, plan_layout
+
+
+def elastic(*overrides: str):
+    return load_config("tiny-moe8", ["parallel.num_workers=[2, 8]", "train.max_failures=-1",
+                                     "train.global_batch=16", "train.micro_batch=2", *overrides])
+
+
+@pytest.mark.parametrize("workers,experts,largest,expected", [
+    (8, 8, 8, 8), (6, 8, 8, 2), (4, 8, 2, 2), (3, 8, 8, 1), (12, 128, 128, 4),
+    (120, 128, 128, 8), (128, 128, 64, 64), (5, 0, 1, 1)])
+def test_ep_is_the_largest_divisor_of_workers_and_experts_within_ep_size(workers, experts,
+                                                                          largest, expected):
+    assert expert_parallel_size(workers, experts, largest) == expected
+
+
+def test_each_group_size_keeps_the_global_batch():
+    cfg = elastic("parallel.ep_size=4")  # 8 micro-batches of 2 per step
+    got = {w: (plan_layout(cfg, w).workers, plan_layout(cfg, w).ep_size,
+               plan_layout(cfg, w).accumulation) for w in range(2, 9)}
+    assert got == {2: (2, 2, 4), 3: (2, 2, 4), 4: (4, 4, 2), 5: (4, 4, 2), 6: (4, 4, 2),
+                   7: (4, 4, 2), 8: (8, 4, 1)}
+    for w, (workers, _, accumulation) in got.items():
+        assert workers * accumulation * cfg.train.micro_batch == cfg.train.global_batch, w
+
+
+def test_a_skipped_size_says_why_and_the_rest_idle():
+    layout = plan_layout(elastic("parallel.ep_size=8"), 7)
+    assert (layout.workers, layout.idle) == (4, 3)
+    assert layout.skipped == tuple(
+        f"{w} workers cannot keep the global batch: its 8 micro-batches (train.global_batch 16 / "
+        f"train.micro_batch 2) do not split evenly over {w}" for w in (7, 6, 5))
+    assert layout.describe() == "4 workers, EP 4, 2 micro-batches of 2 each"
+
+
+def test_the_layout_runs_as_a_fixed_config():
+    cfg = layout_config(elastic("parallel.ep_size=8"), plan_layout(elastic("parallel.ep_size=8"), 6))
+    assert (cfg.parallel.num_workers, cfg.parallel.ep_size, cfg.parallel.elastic) == (4, 4, False)
+    assert full_size(elastic()).parallel.num_workers == 8
+
+
+def test_the_planner_sizes_an_elastic_reference_run_at_its_largest_group():
+    cfg = load_config("gpt-1.3b-moe128")
+    assert (cfg.parallel.min_workers, cfg.parallel.max_workers) == (64, 128)
+    plan = make_plan(cfg, "a100-40gb")
+    assert plan.cfg.parallel.num_workers == 128 and plan.cfg.parallel.ep_size == 128
+    assert make_plan(cfg, "a100-40gb", workers=120).cfg.parallel.num_workers == 64
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["parallel.num_workers=[4, 2]"], r"^parallel\.num_workers: expected \[MIN, MAX\] with "
+                                      r"1 <= MIN <= MAX, got \[4, 2\]$"),
+    (["parallel.num_workers=[0, 2]"], r"expected \[MIN, MAX\] with 1 <= MIN <= MAX, got \[0, 2\]"),
+    (["parallel.num_workers=[1, 2, 3]"], r"^parallel\.num_workers: expected int or \[int, int\], "
+                                         r"got \[1, 2, 3\]$"),
+    (["parallel.num_workers=0"], r"^parallel\.num_workers: expected a number >= 1 or \[MIN, MAX\]"),
+    (["parallel.num_workers=[3, 8]"], r"^parallel\.num_workers: MIN=3 workers cannot keep the global "
+                                      r"batch: its 8 micro-batches \(train\.global_batch / "
+                                      r"train\.micro_batch = 16 / 2\) do not split evenly over 3"),
+    (["train.max_failures=0"], r"^train\.max_failures: an elastic run \(parallel\.num_workers "
+                               r"\[2, 8\]\) restarts when a node is lost"),
+    (["parallel.resize_check_seconds=0"], r"^parallel\.resize_check_seconds: must be > 0"),
+    (["train.checkpoint_every_minutes=-1"], r"^train\.checkpoint_every_minutes: must be >= 0"),
+])
+def test_bad_elastic_settings_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        elastic(*overrides)
+
+
+def test_checkpoints_come_by_steps_and_by_minutes():
+    cfg = load_config("tiny-moe8", ["train.checkpoint_every=5",
+                                    "train.checkpoint_every_minutes=0.002"]).train  # 0.12 s
+    cadence = CheckpointCadence(cfg, distributed=False)
+    assert [cadence.due(step) for step in (1, 2, 5)] == [False, False, True]
+    time.sleep(0.2)
+    assert cadence.due(6)
+    cadence.saved()
+    assert not cadence.due(7)
+    assert not CheckpointCadence(load_config("tiny-moe8").train, distributed=False).due(99)
