@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -185,6 +186,10 @@ class TrainConfig:
     all ranks at the same step: on spot nodes the work lost to a preemption is the work
     since the last checkpoint."""
     keep_checkpoints: int = 3
+    checkpoint_staging: str = ""
+    """A fast local directory on every worker node (the NVMe disks of a p4d) where each rank
+    writes its checkpoint files before they are uploaded to storage in the background;
+    empty: the system's temporary directory."""
     max_failures: int = 0
     """Worker-group restarts after a worker dies, each from the latest checkpoint."""
     nan_tolerance: int = 5
@@ -233,6 +238,10 @@ class Config:
             _require(par.ep_size == 1, "parallel.ep_size", "must be 1 for a dense model")
         t = self.train
         _require(t.micro_batch >= 1, "train.micro_batch", "must be >= 1")
+        _require(not t.checkpoint_staging or os.path.isabs(os.path.expanduser(t.checkpoint_staging)),
+                 "train.checkpoint_staging", f"{t.checkpoint_staging!r} is not an absolute local "
+                 "path (each worker stages its checkpoint files on its own disk, then they are "
+                 "uploaded to train.storage)")
         for key in ("log_every", "eval_every", "checkpoint_every", "keep_checkpoints", "nan_tolerance"):
             _require(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
         _require(t.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes",

@@ -57,38 +57,58 @@ def _weed_binary() -> str:
     return found
 
 
+class SeaweedFS:
+    """A SeaweedFS S3 gateway on 127.0.0.1 with one bucket, which a test may stop and start
+    again (same port, same data)."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir, self.port = data_dir, free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        import pyarrow.fs as pafs
+
+        env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET)
+        log = open(self.data_dir / "weed.log", "a")
+        self.proc = subprocess.Popen(
+            [_weed_binary(), "mini", f"-dir={self.data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-s3.port={self.port}", f"-bucket={S3_BUCKET}", "-admin.ui=false", "-webdav=false",
+             "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0"],
+            env=env, stdout=log, stderr=subprocess.STDOUT, cwd=self.data_dir)
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.fs.get_file_info(pafs.FileSelector(S3_BUCKET))
+                return
+            except OSError as err:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"SeaweedFS did not start; see {self.data_dir / 'weed.log'}") from err
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        self.proc.terminate()
+        self.proc.wait(timeout=30)
+
+    @property
+    def fs(self):
+        import pyarrow.fs as pafs
+
+        return pafs.S3FileSystem(access_key=S3_KEY, secret_key=S3_SECRET, scheme="http",
+                                 endpoint_override=f"127.0.0.1:{self.port}", region="us-east-1")
+
+
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory):
     """SeaweedFS's S3 gateway with one bucket; sets the AWS variables for this process
-    (and so for the Ray cluster started after it)."""
-    import pyarrow.fs as pafs
-
-    data_dir = tmp_path_factory.mktemp("seaweedfs")
-    port = free_port()
-    env = dict(os.environ, AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET)
-    log = open(data_dir / "weed.log", "w")
-    proc = subprocess.Popen(
-        [_weed_binary(), "mini", f"-dir={data_dir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         f"-s3.port={port}", f"-bucket={S3_BUCKET}", "-admin.ui=false", "-webdav=false",
-         "-master.telemetry=false", "-s3.port.iceberg=0", "-s3.port.lance=0"],
-        env=env, stdout=log, stderr=subprocess.STDOUT, cwd=data_dir)
-    endpoint = f"http://127.0.0.1:{port}"
+    (and so for the Ray cluster started after it). ``server`` stops and starts it."""
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs"))
     os.environ.update(AWS_ACCESS_KEY_ID=S3_KEY, AWS_SECRET_ACCESS_KEY=S3_SECRET,
-                      AWS_ENDPOINT_URL_S3=endpoint, AWS_REGION="us-east-1")
-    fs = pafs.S3FileSystem(access_key=S3_KEY, secret_key=S3_SECRET, scheme="http",
-                           endpoint_override=f"127.0.0.1:{port}", region="us-east-1")
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            fs.get_file_info(pafs.FileSelector(S3_BUCKET))
-            break
-        except OSError as err:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"SeaweedFS did not start; see {data_dir / 'weed.log'}") from err
-            time.sleep(0.5)
-    yield {"endpoint": endpoint, "bucket": S3_BUCKET, "fs": fs}
-    proc.terminate()
-    proc.wait(timeout=30)
+                      AWS_ENDPOINT_URL_S3=server.endpoint, AWS_REGION="us-east-1")
+    server.start()
+    yield {"endpoint": server.endpoint, "bucket": S3_BUCKET, "fs": server.fs, "server": server}
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """The checkpoint: any (world, EP size, shard mode) loads any checkpoint, optimizer
-included, and the next steps match an uninterrupted run; incomplete checkpoints are
-ignored; another model's checkpoint is refused by name."""
+included, and the next steps match an uninterrupted run; incomplete checkpoints (a manifest
+missing, or a file it lists) are ignored; another model's checkpoint is refused by name."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from raymoe.parallel.checkpoint import (
     save_checkpoint,
     step_directory,
 )
-from raymoe.runs import latest_checkpoint
+from raymoe.runs import find_checkpoint, latest_checkpoint, resumable
 from raymoe.train.optim import build_optimizer
 from raymoe.train.step import train_step
 
@@ -185,3 +185,29 @@ def test_missing_data_file_is_named(tmp_path):
     (tmp_path / "c" / "__0_0.distcp").unlink()
     with pytest.raises(CheckpointError, match="could not be read: .*__0_0.distcp"):
         load_checkpoint(tmp_path / "c", model, mesh)
+
+
+def test_a_checkpoint_missing_or_short_a_listed_file_is_not_complete(tmp_path):
+    """As an upload cut short leaves it: the manifest in storage, another rank's file
+    missing or partly written. Resume and eval skip it and say why."""
+    mesh = Mesh(1)
+    model, opt = build(tiny_config(True), mesh)
+    for step in (1, 2, 3):
+        save_checkpoint(step_directory(tmp_path, step), model, mesh, opt)
+    (step_directory(tmp_path, 3) / "__0_0.distcp").unlink()
+    metadata = step_directory(tmp_path, 2) / ".metadata"
+    size = metadata.stat().st_size
+    metadata.write_bytes(metadata.read_bytes()[:100])
+    said: list[str] = []
+    assert latest_checkpoint(str(tmp_path), log=said.append) == str(step_directory(tmp_path, 1))
+    assert said == [f"skipping the incomplete checkpoint {step_directory(tmp_path, 3)}: missing __0_0.distcp",
+                    f"skipping the incomplete checkpoint {step_directory(tmp_path, 2)}: incomplete "
+                    f".metadata (100 of {size} bytes)"]
+    said.clear()
+    assert resumable(str(step_directory(tmp_path, 3)), log=said.append) == str(step_directory(tmp_path, 1))
+    assert said[-1] == (f"not resuming from {step_directory(tmp_path, 3)}: incomplete (missing "
+                        f"__0_0.distcp); resuming from {step_directory(tmp_path, 1)}, the latest "
+                        "complete checkpoint before it")
+    with pytest.raises(CheckpointError, match="an incomplete checkpoint: missing __0_0.distcp"):
+        find_checkpoint(str(step_directory(tmp_path, 3)))
+    assert find_checkpoint(str(tmp_path), log=said.append) == str(step_directory(tmp_path, 1))

@@ -45,6 +45,9 @@ def test_yaml_file_with_preset_and_overrides(tmp_path):
     (["model.moe.noisy_gate_policy=Gumbel"], r"noisy_gate_policy: 'Gumbel' is not one of"),
     (["parallel.num_workers=3"], r"train\.global_batch: 16 is not a multiple"),
     (["model.n_layer"], r"expected KEY=VALUE"),
+    (["train.checkpoint_staging=s3://b/stage"], r"train\.checkpoint_staging: 's3://b/stage' is not an "
+                                                r"absolute local path"),
+    (["train.checkpoint_staging=nvme"], r"train\.checkpoint_staging: 'nvme' is not an absolute"),
 ])
 def test_bad_config_errors_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):

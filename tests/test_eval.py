@@ -288,7 +288,7 @@ def test_a_missing_or_foreign_checkpoint_is_named(tmp_path, sentence_run):
         load_model(str(tmp_path / "empty"))
     foreign = tmp_path / "foreign"
     foreign.mkdir()
-    (foreign / "manifest.json").write_text(json.dumps({"format": FORMAT, "extra": {}}))
+    (foreign / "manifest.json").write_text(json.dumps({"format": FORMAT, "files": {}, "extra": {}}))
     with pytest.raises(CheckpointError, match="foreign: the manifest holds no model config"):
         load_model(str(foreign))
 

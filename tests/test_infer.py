@@ -37,7 +37,7 @@ TASKS = ["endings", "lambada", "triviaqa"]
 
 def _resave_with_ep_2(rank: int, world: int, source: str, target: str) -> None:
     loaded = load_model(source, mesh=Mesh(ep_size=2))
-    extra = read_manifest(loaded.directory)["extra"]
+    extra = read_manifest(loaded.uri)["extra"]
     save_checkpoint(step_directory(target, loaded.step), loaded.model, Mesh(ep_size=2), extra=extra)
 
 

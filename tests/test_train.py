@@ -5,15 +5,21 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import threading
 import time
 from pathlib import Path
 
 import psutil
+import pyarrow.fs as pafs
 import pytest
 
 from raymoe.config import load_config
+from raymoe.data.storage import locate
+from raymoe.parallel.checkpoint import missing_files
+from raymoe.parallel.mesh import MeshLayout
+from raymoe.runs import latest_checkpoint
 from raymoe.train.capacity import ClusterTooSmallError
 from raymoe.train.launcher import train_on_ray
 
@@ -42,19 +48,30 @@ def final_cursor(result) -> dict:
     return manifest["extra"]["cursor"]
 
 
-def test_two_workers_with_ep_2_equal_one_worker(dataset, tmp_path):
-    common = ["train.max_steps=5", "model.moe.use_rts=false"]
-    one = config(dataset, str(tmp_path), "one", "parallel.num_workers=1", *common)
+NO_RTS = ["model.moe.use_rts=false", "train.global_batch=16"]
+"""Without random token selection every layout trains alike (no per-rank random draws);
+16 sequences are micro-batches of 4 on one, two or four workers."""
+
+
+@pytest.fixture(scope="module")
+def one_worker(dataset, tmp_path_factory) -> dict[int, float]:
+    """Step -> loss of 10 steps on one worker, the reference of every other layout."""
+    storage = tmp_path_factory.mktemp("one")
+    assert train_on_ray(config(dataset, str(storage), "one", "parallel.num_workers=1",
+                               "train.max_steps=10", *NO_RTS)).error is None
+    return losses(storage, "one")
+
+
+def test_two_workers_with_ep_2_equal_one_worker(dataset, one_worker, tmp_path):
     two = config(dataset, str(tmp_path), "two", "parallel.num_workers=2", "parallel.ep_size=2",
-                 *common)
-    assert one.train.global_batch == two.train.global_batch == 8
-    for cfg in (one, two):
-        assert train_on_ray(cfg).error is None
-    a, b = losses(tmp_path, "one"), losses(tmp_path, "two")
-    assert sorted(a) == sorted(b) == [1, 2, 3, 4, 5]
-    for step in a:
-        assert a[step] == pytest.approx(b[step], abs=1e-4), step
-    assert a[5] < a[1]
+                 "train.max_steps=5", *NO_RTS)
+    assert two.train.global_batch == 16
+    assert train_on_ray(two).error is None
+    b = losses(tmp_path, "two")
+    assert sorted(b) == [1, 2, 3, 4, 5] and sorted(one_worker) == list(range(1, 11))
+    for step in b:
+        assert one_worker[step] == pytest.approx(b[step], abs=1e-4), step
+    assert b[5] < b[1]
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +160,106 @@ def test_checkpoints_to_s3_and_resumes_from_them(dataset, s3_server, tmp_path):
     with fs.open_input_stream(f"{s3_server['bucket']}/runs/on-s3/metrics/metrics.jsonl") as f:
         steps = [json.loads(line)["step"] for line in f.read().decode().splitlines()]
     assert steps == [1, 2, 3, 4]  # in the run's storage, continued by the resumed run
+
+
+def s3_records(s3_server, run: str) -> list[dict]:
+    with s3_server["fs"].open_input_stream(f"{s3_server['bucket']}/runs/{run}/metrics/metrics.jsonl") as f:
+        return [json.loads(line) for line in f.read().decode().splitlines()]
+
+
+def expected_reads(fs, checkpoint: str, layout: MeshLayout, num_experts: int) -> list[int]:
+    """The bytes each rank of ``layout`` must read to resume from ``checkpoint`` (written
+    by the same layout): the manifest, DCP's index, every dense item (replicated), the
+    expert items of its EP rank's block, and its own rank file; from DCP's index."""
+    sizes = {i.base_name: i.size for i in fs.get_file_info(pafs.FileSelector(checkpoint))}
+    with fs.open_input_stream(f"{checkpoint}/.metadata") as f:
+        items = pickle.loads(f.read()).storage_data
+    blocks = [layout.global_expert_ids(rank, num_experts) for rank in range(layout.world_size)]
+    reads = [sizes["manifest.json"] + sizes[".metadata"] + sizes[f"rank-{rank:05d}.pt"]
+             for rank in range(layout.world_size)]
+    for index, info in items.items():
+        for rank, block in enumerate(blocks):
+            expert_chunk = ".experts." in index.fqn and len(index.offset) > 0  # not a scalar state
+            if not expert_chunk or index.offset[0] in block:
+                reads[rank] += info.length
+    return reads
+
+
+@pytest.mark.slow  # two runs of four workers
+def test_resume_at_ep_2_on_4_workers_reads_only_each_ranks_part_from_s3(dataset, s3_server, one_worker):
+    """A single-node cluster of 4 workers: the bytes each rank reads do not depend on
+    where the ranks run, and the multi-node cluster costs a minute more to start."""
+    storage = f"s3://{s3_server['bucket']}/runs"
+    ep2 = ["parallel.num_workers=4", "parallel.ep_size=2", "train.checkpoint_every=2", *NO_RTS]
+    assert train_on_ray(config(dataset, storage, "ep2", "train.max_steps=2", *ep2)).error is None
+    resumed = train_on_ray(config(dataset, storage, "ep2", "train.max_steps=4", *ep2))
+    assert resumed.error is None and resumed.metrics["step"] == 4
+    records = s3_records(s3_server, "ep2")
+    got = {r["step"]: r["lm_loss"] for r in records if "lm_loss" in r}
+    assert sorted(got) == [1, 2, 3, 4]
+    for step in got:
+        assert got[step] == pytest.approx(one_worker[step], abs=1e-4), step
+    [resume] = [r for r in records if "checkpoint_read_bytes" in r]
+    assert resume["resumed_from"] == f"{storage}/ep2/step-00000002" and resume["step"] == 2
+    expected = expected_reads(s3_server["fs"], f"{s3_server['bucket']}/runs/ep2/step-00000002",
+                              MeshLayout(4, 2), num_experts=8)
+    assert resume["checkpoint_read_bytes"] == expected
+    assert max(expected) < 0.8 * resume["checkpoint_bytes"], (expected, resume["checkpoint_bytes"])
+
+
+def _stop_mid_upload(server, run: str, stopped: list[str]) -> None:
+    """Once step 2 is complete, stop the server as soon as a later checkpoint is partly in
+    storage (or 2 s later): ``stopped`` gets what storage held then."""
+    complete_at, deadline = None, time.monotonic() + 300
+    while time.monotonic() < deadline:
+        steps = {name: locate(f"{run}/{name}").file_sizes() for name in locate(run).children()
+                 if name.startswith("step-")}
+        if complete_at is None and missing_files(f"{run}/step-00000002") is None:
+            complete_at = time.monotonic()
+        partial = [name for name, files in steps.items()
+                   if files and name > "step-00000002" and missing_files(f"{run}/{name}") is not None]
+        if complete_at is not None and (partial or time.monotonic() - complete_at > 2):
+            server.stop()
+            stopped.append(f"partial: {partial}" if partial else "no upload in flight")
+            return
+        time.sleep(0.01)
+
+
+@pytest.mark.slow  # two runs of two workers, and the S3 server's restart
+def test_s3_stopped_during_uploads_no_partial_checkpoint_is_loaded(dataset, s3_server, one_worker):
+    """The S3 server stops once step 2 is in storage, while the run checkpoints every step
+    (as a later checkpoint's upload starts, when the poll sees one): the run fails with the
+    storage error, the next run resumes from a complete checkpoint
+    (never a partial one) and trains as if nothing had happened."""
+    storage = f"s3://{s3_server['bucket']}/runs"
+    two = ["parallel.num_workers=2", "parallel.ep_size=2", "train.checkpoint_every=1", *NO_RTS]
+    stopped: list[str] = []
+    stopper = threading.Thread(target=_stop_mid_upload, args=(s3_server["server"], f"{storage}/cut",
+                                                              stopped))
+    stopper.start()
+    try:
+        with pytest.raises(Exception) as failed:
+            train_on_ray(config(dataset, storage, "cut", "train.max_steps=40", *two))
+    finally:
+        stopper.join()
+        if stopped:
+            s3_server["server"].start()
+    assert stopped, "the S3 server was never stopped: the test did not test anything"
+    assert "runs/cut" in str(failed.value), failed.value  # the error names what it could not write
+    checkpoints = [f"{storage}/cut/{name}" for name in locate(f"{storage}/cut").children()
+                   if name.startswith("step-")]
+    status = {uri: missing_files(uri) for uri in checkpoints}
+    print("stopped with", stopped[0], "; checkpoints after the stop:", status)
+    latest = latest_checkpoint(f"{storage}/cut")
+    assert latest is not None and latest >= f"{storage}/cut/step-00000002"
+    resumed = train_on_ray(config(dataset, storage, "cut", "train.max_steps=10", *two))
+    assert resumed.error is None and resumed.metrics["step"] == 10
+    records = s3_records(s3_server, "cut")
+    resumes = [r["resumed_from"] for r in records if "resumed_from" in r]
+    assert len(resumes) == 1 and status[resumes[0]] is None and resumes[0] <= latest
+    got = {r["step"]: r["lm_loss"] for r in records if "lm_loss" in r}
+    for step in range(int(resumes[0][-8:]) + 1, 11):
+        assert got[step] == pytest.approx(one_worker[step], abs=1e-4), step
 
 
 def test_too_many_workers_fail_fast_with_the_numbers(dataset, tmp_path):

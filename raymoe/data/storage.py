@@ -103,6 +103,12 @@ class Location:
         return [i.base_name for i in self._call("list", lambda: self.fs.get_file_info(
             pafs.FileSelector(self.path, allow_not_found=True)))]
 
+    def file_sizes(self) -> dict[str, int]:
+        """Name -> size of the files directly below this directory, in one listing (none
+        when it does not exist)."""
+        return {i.base_name: i.size for i in self._call("list", lambda: self.fs.get_file_info(
+            pafs.FileSelector(self.path, allow_not_found=True))) if i.type == pafs.FileType.File}
+
     def _call(self, action: str, fn):
         try:
             return fn()

@@ -4,17 +4,14 @@ inference: every expert local, MoE layers in eval mode with no token dropping.""
 from __future__ import annotations
 
 import dataclasses
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
 from raymoe.config import Config, config_from_dict
-from raymoe.data.storage import is_s3, locate
 from raymoe.data.tokenizers import Tokenizer
 from raymoe.model import GPT
-from raymoe.parallel.checkpoint import CheckpointError, load_checkpoint, read_manifest
+from raymoe.parallel.checkpoint import CheckpointError, CheckpointSource
 from raymoe.parallel.mesh import Mesh
 from raymoe.runs import checkpoint_tokenizer, find_checkpoint
 
@@ -25,21 +22,10 @@ class LoadedModel:
     tokenizer: Tokenizer
     config: Config
     uri: str
-    """The checkpoint, as found (local path or s3:// URI)."""
-    directory: Path
-    """Its local directory (a downloaded copy for s3://)."""
+    """The checkpoint, as found (local path or s3:// URI), read where it lies."""
     step: int
-
-
-def _download(uri: str) -> Path:
-    from pyarrow import fs as pafs
-
-    source = locate(uri)
-    target = Path(tempfile.mkdtemp(prefix="raymoe-checkpoint-")) / source.path.rsplit("/", 1)[-1]
-    target.mkdir()
-    pafs.copy_files(source.path, str(target), source_filesystem=source.fs,
-                    destination_filesystem=pafs.LocalFileSystem())
-    return target
+    bytes_read: int
+    """Of the checkpoint, by this process (its experts only, in an expert-parallel group)."""
 
 
 def load_model(path: str, device: str | torch.device = "cpu",
@@ -52,18 +38,17 @@ def load_model(path: str, device: str | torch.device = "cpu",
     """
     mesh = mesh or Mesh(1)
     uri = find_checkpoint(path)
-    directory = _download(uri) if is_s3(uri) else Path(uri).expanduser()
-    manifest = read_manifest(directory)
-    extra = manifest["extra"]
+    source = CheckpointSource(uri)
+    extra = source.manifest["extra"]
     if "config" not in extra:
-        raise CheckpointError(f"{directory}: the manifest holds no model config "
+        raise CheckpointError(f"{uri}: the manifest holds no model config "
                               "(not written by raymoe's trainer)")
     cfg = inference_config(config_from_dict(extra["config"]), mesh.ep_size)
     model = GPT(cfg.model, mesh.expert_exchange())
-    load_checkpoint(directory, model, mesh)
+    source.load(model, mesh)
     model = model.to(device).eval()
-    return LoadedModel(model, checkpoint_tokenizer(uri, extra, tokenizer), cfg, uri, directory,
-                       int(extra.get("step", 0)))
+    return LoadedModel(model, checkpoint_tokenizer(uri, extra, tokenizer), cfg, uri,
+                       int(extra.get("step", 0)), source.bytes_read)
 
 
 def inference_config(cfg: Config, ep_size: int = 1) -> Config:

@@ -187,11 +187,13 @@ class InferenceGroups:
 
 
 def format_resident(resident: list[list[ResidentBytes]]) -> str:
-    """One line per group: each rank's parameter bytes (dense + experts)."""
+    """One line per group: each rank's parameter bytes (dense + experts) and the checkpoint
+    bytes it read (its experts only)."""
     lines = []
     for g, ranks in enumerate(resident):
         per_rank = ", ".join(f"rank {r}: {_mib(b.total)} ({_mib(b.dense)} dense + "
-                             f"{_mib(b.experts)} experts)" for r, b in enumerate(ranks))
+                             f"{_mib(b.experts)} experts; read {_mib(b.read)} of the checkpoint)"
+                             for r, b in enumerate(ranks))
         lines.append(f"group {g} parameter bytes: {per_rank}")
     return "\n".join(lines)
 

@@ -11,6 +11,7 @@ well (so that the dense part is not computed N times) is left for later.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import socket
@@ -35,10 +36,11 @@ TIMEOUT = datetime.timedelta(minutes=10)
 
 @dataclass(frozen=True)
 class ResidentBytes:
-    """The parameter bytes one rank holds."""
+    """The parameter bytes one rank holds, and the checkpoint bytes it read to load them."""
 
     dense: int
     experts: int
+    read: int = 0
 
     @property
     def total(self) -> int:
@@ -109,7 +111,7 @@ class InferenceWorker:
         dist.init_process_group(backend, rank=self.rank, world_size=self.world_size,
                                 timeout=TIMEOUT)
         self.loaded = load_model(checkpoint, device, tokenizer, Mesh(self.world_size))
-        return resident_bytes(self.loaded.model)
+        return dataclasses.replace(resident_bytes(self.loaded.model), read=self.loaded.bytes_read)
 
     def _model(self) -> GPT:
         assert self.loaded is not None, "join first"

@@ -4,7 +4,8 @@ A checkpoint is a directory:
   .metadata, __R_N.distcp   torch.distributed.checkpoint (DCP) files: rank R writes only
                             the slices it holds (replicated slices once, by one rank)
   rank-NNNNN.pt             optional per-rank state (RNG), restored at the same world size
-  manifest.json             written last, by rank 0, once every other file is complete
+  manifest.json             written last, by rank 0: the settings, and the name and size
+                            of every other file
 
 Every tensor is addressed by its GLOBAL shape: a dense parameter whole, an expert
 parameter as one [num_experts, ...] tensor of which a rank holds the block of its EP rank
@@ -12,11 +13,19 @@ parameter as one [num_experts, ...] tensor of which a rank holds the block of it
 like its parameter. DCP reads exactly the slices a rank's layout needs, so a checkpoint
 written with shard fsdp at (world 4, EP 2) loads at (world 2, EP 1, shard none) or in one
 process, optimizer state included (DeepSpeed stores optimizer state per EP rank and
-cannot). A directory without manifest.json (a crash mid-save) is not a checkpoint.
+cannot).
+
+Ranks may write their files into directories of their own that are uploaded one by one
+(Ray Train's background upload): the manifest can then be in storage before another
+rank's file. A checkpoint is complete when its manifest is there and every file it lists
+is there with its size (one listing); anything less (a crash mid-save, an upload that
+failed or is still running) is not a checkpoint. Loading reads where the checkpoint lies
+(raymoe.parallel.checkpoint_reader): each rank only the items its layout needs.
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -28,17 +37,19 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import Tensor, nn
-from torch.distributed.checkpoint import FileSystemReader, TensorStorageMetadata
+from torch.distributed.checkpoint import TensorStorageMetadata
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
-from raymoe.data.storage import locate
+from raymoe.data.storage import Location, locate
 from raymoe.errors import RaymoeError
 from raymoe.model.moe import MoELayer, is_expert_parameter
+from raymoe.parallel.checkpoint_reader import ByteCount, RangedReader
 from raymoe.parallel.mesh import Mesh
 from raymoe.parallel.shard import is_sharded
 
-FORMAT = "raymoe-checkpoint/2"
+FORMAT = "raymoe-checkpoint/3"
+"""/3: the manifest lists every file with its size."""
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
@@ -59,6 +70,16 @@ def step_directory(root: str | Path, step: int) -> Path:
 
 def _rank_file(rank: int) -> str:
     return f"rank-{rank:05d}.pt"
+
+
+_OWNED = re.compile(r"^(?:__(\d+)_\d+\.distcp|rank-(\d+)\.pt)$")
+
+
+def _writer(name: str) -> int:
+    """The rank that wrote a file: DCP names rank R's data files __R_N.distcp; the
+    metadata and the shared files (tokenizer) are rank 0's."""
+    m = _OWNED.match(name)
+    return int(m.group(1) or m.group(2)) if m else 0
 
 
 def _atomic_save(obj: Any, path: Path) -> None:
@@ -141,13 +162,18 @@ def save_checkpoint(directory: str | Path, model: nn.Module, mesh: Mesh,
     dcp.save(state, checkpoint_id=directory, no_dist=not mesh.is_distributed)
     if mesh.is_distributed:
         dist.barrier()
+    listings = _gather(_local_files(directory), mesh)
     if mesh.rank == 0:
+        files = _merge(listings)
+        rank_bytes = [0] * mesh.world_size
+        for name, size in files.items():
+            rank_bytes[_writer(name)] += size
         groups = [{k: g[k] for k in HYPERPARAMETERS if k in g}
                   for g in (optimizer.param_groups if optimizer else [])]
         manifest = {"format": FORMAT, "world_size": mesh.world_size, "ep_size": mesh.ep_size,
                     "shard": "fsdp" if is_sharded(model) else "none",
                     "has_optimizer": optimizer is not None, "param_groups": groups,
-                    "extra": extra or {}}
+                    "files": files, "rank_bytes": rank_bytes, "extra": extra or {}}
         tmp = directory / (MANIFEST + ".tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
         os.replace(tmp, directory / MANIFEST)
@@ -156,52 +182,143 @@ def save_checkpoint(directory: str | Path, model: nn.Module, mesh: Mesh,
     return directory
 
 
+def _local_files(directory: Path) -> dict[str, int]:
+    return {e.name: e.stat().st_size for e in os.scandir(directory)
+            if e.is_file() and e.name != MANIFEST and not e.name.endswith(".tmp")}
+
+
+def _gather(obj: Any, mesh: Mesh) -> list[Any]:
+    """Every rank's ``obj`` on rank 0 (an empty list elsewhere)."""
+    if not mesh.is_distributed:
+        return [obj]
+    out: list[Any] | None = [None] * mesh.world_size if mesh.rank == 0 else None
+    dist.gather_object(obj, out, dst=0)
+    return out or []
+
+
+def _merge(listings: list[dict[str, int]]) -> dict[str, int]:
+    """The ranks' files (each its own directory, or one they share) as one listing."""
+    files: dict[str, int] = {}
+    for listing in listings:
+        files.update(listing)
+    return dict(sorted(files.items()))
+
+
+def describe_written(manifest: dict[str, Any], where: str) -> str:
+    """One line: the checkpoint's size and what each rank wrote into ``where``."""
+    per_rank = manifest["rank_bytes"]
+    return (f"checkpoint written: {mib(sum(manifest['files'].values()))} in "
+            f"{len(manifest['files'])} files, {mib(min(per_rank))} to {mib(max(per_rank))} per "
+            f"rank ({len(per_rank)} ranks) into {where}")
+
+
+def mib(n: float) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
 # ---------------------------------------------------------------------------- load
 
 
-def load_rank_state(directory: str | Path, mesh: Mesh) -> dict[str, Any] | None:
-    """This rank's saved state, when the checkpoint was written by as many ranks."""
-    if read_manifest(directory)["world_size"] != mesh.world_size:
-        return None
-    path = Path(directory) / _rank_file(mesh.rank)
-    return torch.load(path, map_location="cpu", weights_only=False) if path.is_file() else None
-
-
-def read_manifest(directory: str | Path) -> dict[str, Any]:
+def read_manifest(directory: str | Path, count: ByteCount | None = None) -> dict[str, Any]:
     """The format-checked manifest of a checkpoint, read where it lies (a local directory
     or an s3:// URI: raymoe.runs finds checkpoints through it without downloading them)."""
     path = locate(str(directory)).join(MANIFEST)
     if not path.exists():
         raise CheckpointError(f"{directory}: no {MANIFEST}; the checkpoint is incomplete "
                               "(a save that did not finish) or not a raymoe checkpoint")
-    manifest = json.loads(path.read_bytes())
+    data = path.read_bytes()
+    manifest = json.loads(count.add(data) if count else data)
     if manifest.get("format") != FORMAT:
         raise CheckpointError(f"{path.uri}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path.uri}: lists no files (not written by raymoe's save_checkpoint)")
     return manifest
+
+
+def missing_files(directory: str | Path) -> str | None:
+    """Why the checkpoint in ``directory`` is not complete, or None when it is: its
+    manifest and every file the manifest lists, with that size (one listing and the
+    manifest's read)."""
+    root = locate(str(directory))
+    present = root.file_sizes()
+    if MANIFEST not in present:
+        return f"no {MANIFEST}"
+    listed = read_manifest(root.uri)["files"]
+    gone = [name for name in listed if name not in present]
+    short = [f"{name} ({present[name]} of {size} bytes)" for name, size in listed.items()
+             if name in present and present[name] != size]
+    problems = []
+    if gone:
+        problems.append(f"missing {', '.join(gone[:5])}" + (f" and {len(gone) - 5} more" if len(gone) > 5 else ""))
+    if short:
+        problems.append(f"incomplete {', '.join(short[:5])}")
+    return "; ".join(problems) or None
+
+
+class CheckpointSource:
+    """One checkpoint, read where it lies (local directory or s3:// URI): its manifest,
+    DCP's index, then only the items and the rank file this process needs.
+    ``bytes_read`` counts them all."""
+
+    def __init__(self, directory: str | Path):
+        self.location: Location = locate(str(directory))
+        self.count = ByteCount()
+        self.manifest = read_manifest(self.location.uri, self.count)
+
+    @property
+    def bytes_read(self) -> int:
+        return self.count.total
+
+    @property
+    def size(self) -> int:
+        """The bytes of the whole checkpoint."""
+        return sum(self.manifest["files"].values())
+
+    def load(self, model: nn.Module, mesh: Mesh,
+             optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+        """Load into this rank's model (and optimizer), whatever layout wrote the
+        checkpoint; returns the manifest's ``extra``. Collective when the mesh is
+        distributed."""
+        uri, manifest = self.location.uri, self.manifest
+        if optimizer is not None and not manifest["has_optimizer"]:
+            raise CheckpointError(f"{uri}: holds no optimizer state")
+        reader = RangedReader(self.location, self.count)
+        saved = reader.read_metadata().state_dict_metadata
+        state = _model_state(model, mesh)
+        _check_parameters(uri, state, saved)
+        if optimizer is not None:
+            _create_optimizer_state(model, optimizer, saved)
+            state.update(_optimizer_state(model, mesh, optimizer))
+        try:
+            dcp.load(state, storage_reader=reader, no_dist=not mesh.is_distributed)
+        except CheckpointException as err:
+            raise CheckpointError(f"{uri}: could not be read: {_first_failure(err)}") from err
+        if optimizer is not None:
+            for group, saved_group in zip(optimizer.param_groups, manifest["param_groups"], strict=True):
+                group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved_group.items()})
+        return manifest["extra"]
+
+    def rank_state(self, mesh: Mesh) -> dict[str, Any] | None:
+        """This rank's saved state, when the checkpoint was written by as many ranks."""
+        name = _rank_file(mesh.rank)
+        if self.manifest["world_size"] != mesh.world_size or name not in self.manifest["files"]:
+            return None
+        data = self.count.add(self.location.join(name).read_bytes())
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+    def bytes_read_per_rank(self, mesh: Mesh) -> list[int]:
+        """Collective: every rank's ``bytes_read``, on rank 0 (empty elsewhere)."""
+        return _gather(self.bytes_read, mesh)
+
+    def describe_read(self, per_rank: list[int]) -> str:
+        return (f"read {mib(min(per_rank))} to {mib(max(per_rank))} per rank ({len(per_rank)} "
+                f"ranks) of the checkpoint's {mib(self.size)}")
 
 
 def load_checkpoint(directory: str | Path, model: nn.Module, mesh: Mesh,
                     optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
-    """Load into this rank's model (and optimizer), whatever layout wrote the checkpoint;
-    returns the manifest's ``extra``. Collective when the mesh is distributed."""
-    directory = Path(directory)
-    manifest = read_manifest(directory)
-    if optimizer is not None and not manifest["has_optimizer"]:
-        raise CheckpointError(f"{directory}: holds no optimizer state")
-    saved = FileSystemReader(directory).read_metadata().state_dict_metadata
-    state = _model_state(model, mesh)
-    _check_parameters(directory, state, saved)
-    if optimizer is not None:
-        _create_optimizer_state(model, optimizer, saved)
-        state.update(_optimizer_state(model, mesh, optimizer))
-    try:
-        dcp.load(state, checkpoint_id=directory, no_dist=not mesh.is_distributed)
-    except CheckpointException as err:
-        raise CheckpointError(f"{directory}: could not be read: {_first_failure(err)}") from err
-    if optimizer is not None:
-        for group, saved_group in zip(optimizer.param_groups, manifest["param_groups"], strict=True):
-            group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved_group.items()})
-    return manifest["extra"]
+    """CheckpointSource(directory).load(...)."""
+    return CheckpointSource(directory).load(model, mesh, optimizer)
 
 
 def _create_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -226,7 +343,7 @@ def _create_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer,
                 state[key] = torch.zeros_like(param.detach())
 
 
-def _check_parameters(directory: Path, state: dict[str, Tensor], saved: dict[str, Any]) -> None:
+def _check_parameters(directory: str, state: dict[str, Tensor], saved: dict[str, Any]) -> None:
     expected = {k for k in state}
     found = {k for k in saved if k.startswith("model.")}
     missing, unexpected = sorted(expected - found), sorted(found - expected)

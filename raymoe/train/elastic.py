@@ -142,7 +142,7 @@ class ElasticHooks:
     def __init__(self, inner: RunHooks, announce: bool, resize_log: ResizeLog | None):
         self.inner, self.announce, self.resize_log = inner, announce, resize_log
 
-    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
         return self.inner.latest_checkpoint()
 
     def new_checkpoint_dir(self, step: int) -> Path:

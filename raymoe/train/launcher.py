@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ import pyarrow.fs as pafs
 import ray
 import ray.train
 import torch
+import torch.distributed as dist
 from ray.experimental.internal_kv import _internal_kv_del
 from ray.train import (
     Checkpoint,
@@ -29,33 +31,36 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from raymoe.config import Config, DataConfig, config_from_dict
 from raymoe.data.storage import is_s3, locate
+from raymoe.parallel.checkpoint import CheckpointError
 from raymoe.plan import check_fits, device_hardware
-from raymoe.runs import absolute, run_location
+from raymoe.runs import absolute, resumable, run_location
 from raymoe.train.capacity import WaitPolicy, WorkerGroupDemand, worker_group_capacity
 from raymoe.train.layout import layout_config, plan_layout
 
 
 class RayTrainHooks:
-    """Checkpoints through ray.train.report (uploaded in the background), resume through
-    ray.train.get_checkpoint (the latest of this run name in this storage)."""
+    """Checkpoints through ray.train.report: each rank writes its files into a local
+    staging directory (``train.checkpoint_staging``) that Ray uploads in the background.
+    Resume through ray.train.get_checkpoint (the latest of this run name in this storage),
+    read where it lies: each rank reads only its part."""
+
+    def __init__(self, staging: str = "", log: Callable[[str], None] = print):
+        self.staging, self.log = staging, log
 
     @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
+    def latest_checkpoint(self) -> Iterator[str | None]:
         checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            yield None
-            return
-        if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
-            yield Path(checkpoint.path)
-            return
-        # A private copy per worker: Checkpoint.as_directory shares one directory per node,
-        # into which a second worker may download again while the first is reading it
-        # (torch.load then fails on a file being rewritten).
-        with tempfile.TemporaryDirectory(prefix="raymoe-resume-") as directory:
-            yield Path(checkpoint.to_directory(directory))
+        uri = None
+        if checkpoint is not None and ray.train.get_context().get_world_rank() == 0:
+            uri = resumable(_uri(checkpoint), self.log)
+        if checkpoint is not None and dist.is_initialized():  # one rank lists, all agree
+            agreed = [uri]
+            dist.broadcast_object_list(agreed, src=0)
+            uri = agreed[0]
+        yield uri
 
     def new_checkpoint_dir(self, step: int) -> Path:
-        return Path(tempfile.mkdtemp(prefix=f"raymoe-step-{step:08d}-"))
+        return Path(staging_directory(self.staging, f"raymoe-step-{step:08d}-"))
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         if checkpoint_dir is None:
@@ -68,6 +73,30 @@ class RayTrainHooks:
 
     def on_step(self, step: int, seconds: float, saved: bool) -> None:
         pass
+
+
+def _uri(checkpoint: Checkpoint) -> str:
+    """A Ray checkpoint's location as raymoe's storage layer names it."""
+    if isinstance(checkpoint.filesystem, pafs.S3FileSystem):
+        return f"s3://{checkpoint.path}"
+    if isinstance(checkpoint.filesystem, pafs.LocalFileSystem):
+        return checkpoint.path
+    raise CheckpointError(f"{checkpoint.path}: storage {checkpoint.filesystem!r} "
+                          "is not supported (a local path or s3://)")
+
+
+def staging_directory(root: str, prefix: str) -> str:
+    """A new directory for one checkpoint's files under ``root`` (the system's temporary
+    directory when empty); the error names the config key."""
+    try:
+        if root:
+            os.makedirs(root, exist_ok=True)
+        return tempfile.mkdtemp(prefix=prefix, dir=root or None)
+    except OSError as err:
+        where = root or tempfile.gettempdir()
+        raise CheckpointError(f"train.checkpoint_staging={where}: cannot create a checkpoint "
+                              f"staging directory on node {ray.util.get_node_ip_address()}: "
+                              f"{err.strerror or err}") from err
 
 
 def _train_worker(loop_config: dict[str, Any]) -> None:
@@ -106,7 +135,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     check_gpu_fits(cfg, device)
     resize_log = (ResizeLog(loop_config["resize_key"], layout, [m[0] for m in members], log)
                   if rank == 0 else None)
-    hooks = ElasticHooks(RayTrainHooks(), layout.idle > 0, resize_log)
+    hooks = ElasticHooks(RayTrainHooks(cfg.train.checkpoint_staging, log), layout.idle > 0, resize_log)
     with hooks.training():
         Trainer(cfg, hooks, device, loop_config["metrics_uri"], log=log, idle_workers=layout.idle).run()
 

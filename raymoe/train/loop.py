@@ -8,6 +8,7 @@ What depends on the launcher (where checkpoints go, how metrics leave the worker
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,8 +27,9 @@ from raymoe.model.precision import autocast, autocast_dtype
 from raymoe.parallel import Mesh
 from raymoe.parallel.build import build_model
 from raymoe.parallel.checkpoint import (
-    load_checkpoint,
-    load_rank_state,
+    MANIFEST,
+    CheckpointSource,
+    describe_written,
     save_checkpoint,
     step_directory,
 )
@@ -44,8 +46,8 @@ class NonFiniteLossError(RaymoeError, FloatingPointError):
 
 
 class RunHooks(Protocol):
-    def latest_checkpoint(self) -> contextlib.AbstractContextManager[Path | None]:
-        """A local directory holding the latest complete checkpoint, or None."""
+    def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
+        """Where the latest complete checkpoint lies (a local path or an s3:// URI), or None."""
 
     def new_checkpoint_dir(self, step: int) -> Path:
         """Where this rank writes the files of the checkpoint of ``step``."""
@@ -74,9 +76,8 @@ class FileHooks:
         self.run_dir, self.keep, self.rank = Path(run_dir), keep, rank
 
     @contextlib.contextmanager
-    def latest_checkpoint(self) -> Iterator[Path | None]:
-        latest = latest_checkpoint(str(self.run_dir))
-        yield Path(latest) if latest else None
+    def latest_checkpoint(self) -> Iterator[str | None]:
+        yield latest_checkpoint(str(self.run_dir))
 
     def new_checkpoint_dir(self, step: int) -> Path:
         return step_directory(self.run_dir, step)
@@ -127,8 +128,10 @@ class Trainer:
         with self.hooks.latest_checkpoint() as directory:
             if directory is None:
                 return None
-            extra = load_checkpoint(directory, self.model, self.mesh, self.optimizer)
-            rank_state = load_rank_state(directory, self.mesh)
+            source = CheckpointSource(directory)
+            extra = source.load(self.model, self.mesh, self.optimizer)
+            rank_state = source.rank_state(self.mesh)
+            bytes_read = source.bytes_read_per_rank(self.mesh)
         if extra["config"]["model"] != self.cfg.to_dict()["model"]:
             self.log(f"note: resuming from {directory} whose model config differs in non-shape "
                      "settings; using the current config")
@@ -138,7 +141,11 @@ class Trainer:
             if rank_state.get("cuda") is not None and self.device.type == "cuda":
                 torch.cuda.set_rng_state(rank_state["cuda"], self.device)
         if self.rank == 0:
-            self.log(f"resumed from {directory} at step {self.step} ({self.tokens:,} tokens)")
+            self.log(f"resumed from {directory} at step {self.step} ({self.tokens:,} tokens); "
+                     f"{source.describe_read(bytes_read)}")
+        if self.metrics is not None:
+            self.metrics.write(self.step, {"resumed_from": directory, "checkpoint_bytes": source.size,
+                                           "checkpoint_read_bytes": bytes_read})
         return Cursor.from_dict(extra["cursor"])
 
     # ---------------------------------------------------------------- loop
@@ -271,5 +278,8 @@ class Trainer:
                       "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         save_checkpoint(directory, self.model, self.mesh, self.optimizer, extra=extra,
                         rank_state=rank_state)
+        if self.rank == 0:
+            manifest = json.loads((directory / MANIFEST).read_text())
+            self.log(f"step {self.step}: {describe_written(manifest, str(directory.parent))}")
         return directory
 
