@@ -157,9 +157,11 @@ def test_checkpoints_to_s3_and_resumes_from_them(dataset, s3_server, tmp_path):
     second = train_on_ray(config(dataset, storage, "on-s3", "train.max_steps=4",
                                  "train.checkpoint_every=2"))
     assert second.error is None and second.metrics["step"] == 4
-    with fs.open_input_stream(f"{s3_server['bucket']}/runs/on-s3/metrics/metrics.jsonl") as f:
-        steps = [json.loads(line)["step"] for line in f.read().decode().splitlines()]
+    records = s3_records(s3_server, "on-s3")
+    steps = [r["step"] for r in records if "resumed_from" not in r]
     assert steps == [1, 2, 3, 4]  # in the run's storage, continued by the resumed run
+    resumes = [r for r in records if "resumed_from" in r]  # and the resume, with its bytes read
+    assert [(r["step"], r["resumed_from"].endswith("on-s3/step-00000002")) for r in resumes] == [(2, True)]
 
 
 def s3_records(s3_server, run: str) -> list[dict]:
