@@ -33,8 +33,7 @@ from tqdm import tqdm
 
 from raymoe.data.tokenizers import Tokenizer
 from raymoe.errors import RaymoeError
-from raymoe.eval.scoring import Score, Scorer, TokenPair, encode_pairs
-from raymoe.model.precision import autocast
+from raymoe.eval.scoring import Score, ScoringModel, TokenPair, encode_pairs
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -53,33 +52,6 @@ class ScoringBackend(Protocol):
 
     def generate_until(self, contexts: list[str], stop: tuple[str, ...], max_new_tokens: int,
                        batch_size: int) -> list[str]: ...
-
-
-class LocalBackend:
-    """Every expert in this process."""
-
-    def __init__(self, checkpoint: str, device: str, tokenizer: str | None):
-        from raymoe.eval.loading import load_model
-
-        loaded = load_model(checkpoint, device, tokenizer)
-        self.model, self.tokenizer, self.seq_len = loaded.model, loaded.tokenizer, loaded.config.model.seq_len
-        self.scorers: dict[int, Scorer] = {}
-
-    def _scorer(self, batch_size: int) -> Scorer:
-        if batch_size not in self.scorers:
-            self.scorers[batch_size] = Scorer(self.model, self.tokenizer, batch_size)
-        return self.scorers[batch_size]
-
-    def loglikelihoods(self, pairs: list[TokenPair], batch_size: int) -> list[Score]:
-        scorer = self._scorer(batch_size)
-        with autocast(scorer.device):
-            return scorer.loglikelihoods(pairs)
-
-    def generate_until(self, contexts: list[str], stop: tuple[str, ...], max_new_tokens: int,
-                       batch_size: int) -> list[str]:
-        scorer = self._scorer(batch_size)
-        with autocast(scorer.device):
-            return scorer.generate_until(contexts, stop, max_new_tokens)
 
 
 def _group_backend(checkpoint: str, ep: int, device: str, tokenizer: str | None,
@@ -149,8 +121,11 @@ class RaymoeLM(LM):
         device = _available(device)
         self.backend: ScoringBackend
         if self.ep == 1:
-            local = LocalBackend(checkpoint, device, tokenizer)
-            self.backend, self.tokenizer, self.seq_len = local, local.tokenizer, local.seq_len
+            from raymoe.eval.loading import load_model
+
+            loaded = load_model(checkpoint, device, tokenizer)
+            self.backend = ScoringModel(loaded.model, loaded.tokenizer)
+            self.tokenizer, self.seq_len = loaded.tokenizer, loaded.config.model.seq_len
         else:
             groups, self.tokenizer, self.seq_len = _group_backend(checkpoint, self.ep, device, tokenizer,
                                                                   float(cpus_per_rank))

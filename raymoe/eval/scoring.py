@@ -17,6 +17,7 @@ from torch import Tensor
 from raymoe.data.tokenizers import Tokenizer
 from raymoe.model import GPT
 from raymoe.model.generation import Sampling, generate, left_pad
+from raymoe.model.precision import autocast
 
 
 @dataclass(frozen=True)
@@ -182,6 +183,31 @@ class Scorer:
             for i, tokens in zip(batch, outputs, strict=False):
                 texts[i] = _cut(self.tokenizer.decode(t for t in tokens if t != self.tokenizer.eot_id), stop)
         return texts
+
+
+class ScoringModel:
+    """A model and its tokenizer scoring at whatever batch size a caller asks (a Scorer
+    per size), in the model's autocast: what the harness adapter and an inference rank serve."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer):
+        self.model, self.tokenizer = model, tokenizer
+        self.scorers: dict[int, Scorer] = {}
+
+    def scorer(self, batch_size: int) -> Scorer:
+        if batch_size not in self.scorers:
+            self.scorers[batch_size] = Scorer(self.model, self.tokenizer, batch_size)
+        return self.scorers[batch_size]
+
+    def loglikelihoods(self, pairs: list[TokenPair], batch_size: int) -> list[Score]:
+        scorer = self.scorer(batch_size)
+        with autocast(scorer.device):
+            return scorer.loglikelihoods(pairs)
+
+    def generate_until(self, contexts: list[str], stop: tuple[str, ...], max_new_tokens: int,
+                       batch_size: int) -> list[str]:
+        scorer = self.scorer(batch_size)
+        with autocast(scorer.device):
+            return scorer.generate_until(contexts, stop, max_new_tokens)
 
 
 def _cut(text: str, stop: tuple[str, ...]) -> str:

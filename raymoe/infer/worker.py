@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 from raymoe.eval.harness import Chunk, EvalOptions, score_chunk
 from raymoe.eval.loading import LoadedModel, load_model
-from raymoe.eval.scoring import Score, Scorer, TokenPair
+from raymoe.eval.scoring import Score, ScoringModel, TokenPair
 from raymoe.model.generation import Sampling, generate
 from raymoe.model.gpt import GPT, GPTOutput
 from raymoe.model.moe import is_expert_parameter
@@ -90,7 +90,7 @@ class InferenceWorker:
         torch.set_num_threads(threads)
         self.rank, self.world_size = rank, world_size
         self.loaded: LoadedModel | None = None
-        self.scorer: Scorer | None = None
+        self.scoring: ScoringModel | None = None
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 listens for the group's rendezvous."""
@@ -117,26 +117,22 @@ class InferenceWorker:
         assert self.loaded is not None, "join first"
         return self.loaded.model
 
-    def _scorer(self, batch_size: int) -> Scorer:
+    def _scoring(self) -> ScoringModel:
         assert self.loaded is not None, "join first"
-        if self.scorer is None or self.scorer.batch_size != batch_size:
+        if self.scoring is None:
             agreed: Any = AgreedLogits(self.loaded.model)  # a GPT to the scorer
-            self.scorer = Scorer(agreed, self.loaded.tokenizer, batch_size)
-        return self.scorer
+            self.scoring = ScoringModel(agreed, self.loaded.tokenizer)
+        return self.scoring
 
     def score(self, chunk: Chunk, options: EvalOptions) -> list[dict[str, float]]:
-        return score_chunk(self._scorer(options.batch_size), chunk, options)
+        return score_chunk(self._scoring().scorer(options.batch_size), chunk, options)
 
     def loglikelihoods(self, pairs: list[TokenPair], batch_size: int) -> list[Score]:
-        scorer = self._scorer(batch_size)
-        with autocast(scorer.device):
-            return scorer.loglikelihoods(pairs)
+        return self._scoring().loglikelihoods(pairs, batch_size)
 
     def generate_until(self, contexts: list[str], stop: tuple[str, ...], max_new_tokens: int,
                        batch_size: int) -> list[str]:
-        scorer = self._scorer(batch_size)
-        with autocast(scorer.device):
-            return scorer.generate_until(contexts, stop, max_new_tokens)
+        return self._scoring().generate_until(contexts, stop, max_new_tokens, batch_size)
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
                  seed: int, stop_at_eot: bool) -> list[list[int]]:
