@@ -16,8 +16,9 @@ class RaymoeError(Exception):
 
 def _causes(err: BaseException) -> Iterator[BaseException]:
     """The error, then what it wraps, breadth first: a Ray task's ``cause``, Python's
-    ``__cause__`` / ``__context__``, and the per-worker errors of Ray Train's typed
-    failure (``WorkerGroupError.worker_failures``, in rank order)."""
+    ``__cause__`` / ``__context__``, and what Ray Train's typed failures hold (the
+    controller's error, ``ControllerError.controller_failure``; the per-worker errors,
+    ``WorkerGroupError.worker_failures``, in rank order)."""
     seen: set[int] = set()
     pending = [err]
     while pending:
@@ -26,7 +27,8 @@ def _causes(err: BaseException) -> Iterator[BaseException]:
             continue
         seen.add(id(current))
         yield current
-        inner = [getattr(current, "cause", None), current.__cause__, current.__context__]
+        inner = [getattr(current, "cause", None), getattr(current, "controller_failure", None),
+                 current.__cause__, current.__context__]
         failures = getattr(current, "worker_failures", None)
         if isinstance(failures, dict):
             inner += [failures[rank] for rank in sorted(failures)]

@@ -108,3 +108,14 @@ def test_a_study_with_a_missing_dataset_fails_before_joining_a_cluster(tmp_path)
     assert out.returncode == 2, out.stderr
     assert out.stderr == (f"raymoe: DatasetError: {missing}: no manifest.json; not a prepared dataset, "
                           "or its preparation did not finish\n")
+
+
+def test_a_controller_failure_of_ray_train_gives_up_the_error_it_holds():
+    """Ray Train's ControllerError keeps the controller's exception in an attribute of its
+    own (not as a cause): a storage failure there is still found."""
+    from ray.train import ControllerError
+
+    from raymoe.errors import find_cause
+
+    inner = OSError("When uploading part for key 'runs/cut/checkpoint_manager_snapshot.json'")
+    assert find_cause(ControllerError(inner), OSError) is inner

@@ -12,6 +12,7 @@ import io
 import itertools
 import json
 import os
+import pickle
 import re
 import secrets
 import shutil
@@ -27,6 +28,7 @@ from conftest import REPO
 from multinode import BIN, MultiNodeCluster, wait_until
 
 from raymoe.jobs import RaymoeJobs
+from raymoe.parallel.mesh import MeshLayout
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
@@ -119,15 +121,18 @@ def job_id_of(output: str) -> str:
     return found.group(1)
 
 
-def test_a_job_waits_for_nodes_then_trains_and_a_new_driver_resumes_from_s3(cluster, s3, dataset_uri,
-                                                                            new_driver_dir):
+def test_a_job_waits_for_nodes_then_trains_and_a_new_driver_resumes_from_s3_at_ep_2_on_4_workers(
+        cluster, s3, dataset_uri, new_driver_dir):
+    """The job trains at EP 2 on 2 workers (one a node); a new driver resumes it on 4 (two
+    a node, EP 2 again) and each rank reads only its part of the checkpoint from S3."""
     storage = f"{s3['uri']}/runs"
     train_args = ["tiny-moe8", f"data.path={dataset_uri}", f"train.storage={storage}",
-                  "train.run_name=joined", *SMALL, "train.max_steps=4", "train.checkpoint_every=2"]
+                  "train.run_name=joined", *SMALL, "parallel.ep_size=2"]
     driver = new_driver_dir()
     # submit's own options after the kind; --wait and --timeout are train's
-    submitted = cluster.raymoe("submit", "train", *train_args, "--wait", "--timeout", "600",
-                               "--address", cluster.job_server, "--working-dir", str(REPO), cwd=driver)
+    submitted = cluster.raymoe("submit", "train", *train_args, "train.max_steps=4", "train.checkpoint_every=2",
+                               "--wait", "--timeout", "600", "--address", cluster.job_server,
+                               "--working-dir", str(REPO), cwd=driver)
     assert submitted.returncode == 0, submitted.stderr
     job = job_id_of(submitted.stdout)
     jobs = RaymoeJobs(cluster.job_server, token=cluster.token)
@@ -140,10 +145,11 @@ def test_a_job_waits_for_nodes_then_trains_and_a_new_driver_resumes_from_s3(clus
     logs = jobs.logs(job)
     assert "the cluster fits the worker group after" in logs and "finished at step 4" in logs
 
-    # A second driver, in a directory of its own, resumes the run from S3 alone.
+    # A second driver, in a directory of its own, resumes the run from S3 alone, on 4 workers.
     shutil.rmtree(driver)
     driver = new_driver_dir()
-    resumed = cluster.raymoe("train", *train_args[:-2], "train.max_steps=6", "train.checkpoint_every=2",
+    resumed = cluster.raymoe("train", *train_args, "train.max_steps=6", "train.checkpoint_every=2",
+                             "parallel.num_workers=4", "parallel.cpus_per_worker=1", "train.micro_batch=2",
                              "--address", cluster.address, cwd=driver)
     shutil.rmtree(driver)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
@@ -153,13 +159,40 @@ def test_a_job_waits_for_nodes_then_trains_and_a_new_driver_resumes_from_s3(clus
 
     metrics = [json.loads(line) for line in s3["read"]("runs/joined/metrics/metrics.jsonl").splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]
+    assert [(m["step"], m["workers"]) for m in metrics if "loss" in m][3:5] == [(4, 2), (5, 4)]
     assert [m["step"] for m in metrics if "val_loss" in m] == [2, 4, 6]
     files = s3["list"]("runs/joined")
     events = [f for f in files if f.startswith("metrics/tensorboard/events.out.tfevents")]
     assert len(events) == 2, files  # one per driver run, both in the run's storage
-    for step in (4, 6):  # keep_checkpoints=3 keeps both
+    for step, world in ((4, 2), (6, 4)):  # keep_checkpoints=3 keeps both
         manifest = json.loads(s3["read"](f"runs/joined/step-{step:08d}/manifest.json"))
-        assert manifest["extra"]["step"] == step and manifest["world_size"] == 2
+        assert manifest["extra"]["step"] == step and manifest["world_size"] == world
+
+    [resume] = [m for m in metrics if "checkpoint_read_bytes" in m]
+    assert resume["resumed_from"] == f"{storage}/joined/step-00000004" and resume["step"] == 4
+    expected = expected_reads(s3, "runs/joined/step-00000004", MeshLayout(4, 2), num_experts=8)
+    assert resume["checkpoint_read_bytes"] == expected
+    assert max(expected) < 0.8 * resume["checkpoint_bytes"], (expected, resume["checkpoint_bytes"])
+
+
+def expected_reads(s3, checkpoint: str, layout: MeshLayout, num_experts: int) -> list[int]:
+    """The bytes each rank of ``layout`` must read to resume from ``checkpoint``, written at
+    the same EP size: the manifest, DCP's index, every dense item (replicated), the expert
+    items of its EP rank's block, and its own rank file when the world size is the
+    checkpoint's (RNG states only restore at the same size); from DCP's index."""
+    manifest = json.loads(s3["read"](f"{checkpoint}/manifest.json"))
+    sizes = manifest["files"]
+    items = pickle.loads(s3["read"](f"{checkpoint}/.metadata")).storage_data
+    same_world = manifest["world_size"] == layout.world_size
+    blocks = [layout.global_expert_ids(rank, num_experts) for rank in range(layout.world_size)]
+    reads = [len(s3["read"](f"{checkpoint}/manifest.json")) + sizes[".metadata"]
+             + (sizes[f"rank-{rank:05d}.pt"] if same_world else 0) for rank in range(layout.world_size)]
+    for index, info in items.items():
+        for rank, block in enumerate(blocks):
+            expert_chunk = ".experts." in index.fqn and len(index.offset) > 0  # not a scalar state
+            if not expert_chunk or index.offset[0] in block:
+                reads[rank] += info.length
+    return reads
 
 
 def test_a_fixed_cluster_too_small_fails_at_once_with_the_numbers(cluster, dataset_uri, tmp_path):

@@ -1,24 +1,22 @@
 """Training on Ray Train, on the session's real local Ray cluster: EP equivalence, exact
-resume, recovery from a killed worker, checkpoints on the local S3 server."""
+resume, recovery from a killed worker, checkpoints on the local S3 server (a stopped server
+included; resuming at another layout from S3 is in test_multinode)."""
 
 from __future__ import annotations
 
 import json
 import os
-import pickle
 import signal
 import threading
 import time
 from pathlib import Path
 
 import psutil
-import pyarrow.fs as pafs
 import pytest
 
 from raymoe.config import load_config
-from raymoe.data.storage import locate
+from raymoe.data.storage import StorageError, locate
 from raymoe.parallel.checkpoint import missing_files
-from raymoe.parallel.mesh import MeshLayout
 from raymoe.runs import latest_checkpoint
 from raymoe.train.capacity import ClusterTooSmallError
 from raymoe.train.launcher import train_on_ray
@@ -147,66 +145,13 @@ def test_an_elastic_group_too_large_for_the_batch_trains_on_part_and_checkpoints
     assert len(saved) >= 2 and saved[-1] == "step-00000012", saved
 
 
-def test_checkpoints_to_s3_and_resumes_from_them(dataset, s3_server, tmp_path):
-    storage = f"s3://{s3_server['bucket']}/runs"
-    first = train_on_ray(config(dataset, storage, "on-s3", "train.max_steps=2",
-                                "train.checkpoint_every=2"))
-    assert first.checkpoint.path.endswith("on-s3/step-00000002")
-    fs = s3_server["fs"]
-    assert fs.get_file_info(f"{first.checkpoint.path}/manifest.json").size > 0
-    second = train_on_ray(config(dataset, storage, "on-s3", "train.max_steps=4",
-                                 "train.checkpoint_every=2"))
-    assert second.error is None and second.metrics["step"] == 4
-    records = s3_records(s3_server, "on-s3")
-    steps = [r["step"] for r in records if "resumed_from" not in r]
-    assert steps == [1, 2, 3, 4]  # in the run's storage, continued by the resumed run
-    resumes = [r for r in records if "resumed_from" in r]  # and the resume, with its bytes read
-    assert [(r["step"], r["resumed_from"].endswith("on-s3/step-00000002")) for r in resumes] == [(2, True)]
-
-
 def s3_records(s3_server, run: str) -> list[dict]:
     with s3_server["fs"].open_input_stream(f"{s3_server['bucket']}/runs/{run}/metrics/metrics.jsonl") as f:
         return [json.loads(line) for line in f.read().decode().splitlines()]
 
 
-def expected_reads(fs, checkpoint: str, layout: MeshLayout, num_experts: int) -> list[int]:
-    """The bytes each rank of ``layout`` must read to resume from ``checkpoint`` (written
-    by the same layout): the manifest, DCP's index, every dense item (replicated), the
-    expert items of its EP rank's block, and its own rank file; from DCP's index."""
-    sizes = {i.base_name: i.size for i in fs.get_file_info(pafs.FileSelector(checkpoint))}
-    with fs.open_input_stream(f"{checkpoint}/.metadata") as f:
-        items = pickle.loads(f.read()).storage_data
-    blocks = [layout.global_expert_ids(rank, num_experts) for rank in range(layout.world_size)]
-    reads = [sizes["manifest.json"] + sizes[".metadata"] + sizes[f"rank-{rank:05d}.pt"]
-             for rank in range(layout.world_size)]
-    for index, info in items.items():
-        for rank, block in enumerate(blocks):
-            expert_chunk = ".experts." in index.fqn and len(index.offset) > 0  # not a scalar state
-            if not expert_chunk or index.offset[0] in block:
-                reads[rank] += info.length
-    return reads
-
-
-@pytest.mark.slow  # two runs of four workers
-def test_resume_at_ep_2_on_4_workers_reads_only_each_ranks_part_from_s3(dataset, s3_server, one_worker):
-    """A single-node cluster of 4 workers: the bytes each rank reads do not depend on
-    where the ranks run, and the multi-node cluster costs a minute more to start."""
-    storage = f"s3://{s3_server['bucket']}/runs"
-    ep2 = ["parallel.num_workers=4", "parallel.ep_size=2", "train.checkpoint_every=2", *NO_RTS]
-    assert train_on_ray(config(dataset, storage, "ep2", "train.max_steps=2", *ep2)).error is None
-    resumed = train_on_ray(config(dataset, storage, "ep2", "train.max_steps=4", *ep2))
-    assert resumed.error is None and resumed.metrics["step"] == 4
-    records = s3_records(s3_server, "ep2")
-    got = {r["step"]: r["lm_loss"] for r in records if "lm_loss" in r}
-    assert sorted(got) == [1, 2, 3, 4]
-    for step in got:
-        assert got[step] == pytest.approx(one_worker[step], abs=1e-4), step
-    [resume] = [r for r in records if "checkpoint_read_bytes" in r]
-    assert resume["resumed_from"] == f"{storage}/ep2/step-00000002" and resume["step"] == 2
-    expected = expected_reads(s3_server["fs"], f"{s3_server['bucket']}/runs/ep2/step-00000002",
-                              MeshLayout(4, 2), num_experts=8)
-    assert resume["checkpoint_read_bytes"] == expected
-    assert max(expected) < 0.8 * resume["checkpoint_bytes"], (expected, resume["checkpoint_bytes"])
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
+"""Where Ray Train keeps the list of a run's checkpoints, in the run's storage."""
 
 
 def _stop_mid_upload(server, run: str, stopped: list[str]) -> None:
@@ -240,14 +185,19 @@ def test_s3_stopped_during_uploads_no_partial_checkpoint_is_loaded(dataset, s3_s
                                                               stopped))
     stopper.start()
     try:
-        with pytest.raises(Exception) as failed:
+        with pytest.raises(StorageError) as failed:
             train_on_ray(config(dataset, storage, "cut", "train.max_steps=40", *two))
     finally:
         stopper.join()
         if stopped:
             s3_server["server"].start()
     assert stopped, "the S3 server was never stopped: the test did not test anything"
-    assert "runs/cut" in str(failed.value), failed.value  # the error names what it could not write
+    # Ray's own record of the run's checkpoints can be lost with the stop (seen when the stop
+    # hit its upload: Ray then knows no checkpoint); take it away so that every run of the
+    # test resumes the way that case must, from the run's storage.
+    s3_server["fs"].delete_file(f"{s3_server['bucket']}/runs/cut/{RAY_SNAPSHOT}")
+    # The user's error, naming the run whose storage failed (the CLI prints it as one line)
+    assert str(failed.value).startswith(f"{storage}/cut: the run's storage failed"), failed.value
     checkpoints = [f"{storage}/cut/{name}" for name in locate(f"{storage}/cut").children()
                    if name.startswith("step-")]
     status = {uri: missing_files(uri) for uri in checkpoints}
@@ -256,6 +206,7 @@ def test_s3_stopped_during_uploads_no_partial_checkpoint_is_loaded(dataset, s3_s
     assert latest is not None and latest >= f"{storage}/cut/step-00000002"
     resumed = train_on_ray(config(dataset, storage, "cut", "train.max_steps=10", *two))
     assert resumed.error is None and resumed.metrics["step"] == 10
+    assert resumed.checkpoint.path.endswith("runs/cut/step-00000010")  # Ray's view of the S3 path
     records = s3_records(s3_server, "cut")
     resumes = [r["resumed_from"] for r in records if "resumed_from" in r]
     assert len(resumes) == 1 and status[resumes[0]] is None and resumes[0] <= latest

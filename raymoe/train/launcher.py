@@ -30,10 +30,11 @@ from ray.train import (
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from raymoe.config import Config, DataConfig, config_from_dict
-from raymoe.data.storage import is_s3, locate
+from raymoe.data.storage import StorageError, is_s3, locate
+from raymoe.errors import RaymoeError, find_cause
 from raymoe.parallel.checkpoint import CheckpointError
 from raymoe.plan import check_fits, device_hardware
-from raymoe.runs import absolute, resumable, run_location
+from raymoe.runs import absolute, latest_checkpoint, resumable, run_location
 from raymoe.train.capacity import WaitPolicy, WorkerGroupDemand, worker_group_capacity
 from raymoe.train.layout import layout_config, plan_layout
 
@@ -41,23 +42,35 @@ from raymoe.train.layout import layout_config, plan_layout
 class RayTrainHooks:
     """Checkpoints through ray.train.report: each rank writes its files into a local
     staging directory (``train.checkpoint_staging``) that Ray uploads in the background.
-    Resume through ray.train.get_checkpoint (the latest of this run name in this storage),
-    read where it lies: each rank reads only its part."""
+    Resume from the checkpoint Ray Train names (the latest of this run name in this
+    storage), or, when Ray holds no record of the run (its snapshot lost with the storage
+    that failed while writing it), from the latest complete checkpoint in the run's
+    directory ``run_uri``: a restart never trains afresh over a run's checkpoints. Each
+    rank reads only its part, where it lies."""
 
-    def __init__(self, staging: str = "", log: Callable[[str], None] = print):
-        self.staging, self.log = staging, log
+    def __init__(self, run_uri: str, staging: str = "", log: Callable[[str], None] = print):
+        self.run_uri, self.staging, self.log = run_uri, staging, log
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
-        checkpoint = ray.train.get_checkpoint()
         uri = None
-        if checkpoint is not None and ray.train.get_context().get_world_rank() == 0:
-            uri = resumable(_uri(checkpoint), self.log)
-        if checkpoint is not None and dist.is_initialized():  # one rank lists, all agree
+        if ray.train.get_context().get_world_rank() == 0:  # one rank lists, all agree
+            uri = self._find_checkpoint()
+        if dist.is_initialized():
             agreed = [uri]
             dist.broadcast_object_list(agreed, src=0)
             uri = agreed[0]
         yield uri
+
+    def _find_checkpoint(self) -> str | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is not None:
+            return resumable(_uri(checkpoint), self.log)
+        found = latest_checkpoint(self.run_uri, log=self.log)
+        if found is not None:
+            self.log(f"Ray Train holds no record of this run's checkpoints; resuming from {found}, "
+                     "the latest complete checkpoint in the run's storage")
+        return found
 
     def new_checkpoint_dir(self, step: int) -> Path:
         return Path(staging_directory(self.staging, f"raymoe-step-{step:08d}-"))
@@ -135,7 +148,8 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     check_gpu_fits(cfg, device)
     resize_log = (ResizeLog(loop_config["resize_key"], layout, [m[0] for m in members], log)
                   if rank == 0 else None)
-    hooks = ElasticHooks(RayTrainHooks(cfg.train.checkpoint_staging, log), layout.idle > 0, resize_log)
+    checkpoints = RayTrainHooks(loop_config["run_uri"], cfg.train.checkpoint_staging, log)
+    hooks = ElasticHooks(checkpoints, layout.idle > 0, resize_log)
     with hooks.training():
         Trainer(cfg, hooks, device, loop_config["metrics_uri"], log=log, idle_workers=layout.idle).run()
 
@@ -173,7 +187,7 @@ def train_on_ray(cfg: Config, wait: WaitPolicy = "auto", timeout: float = 1800.0
         scaling["elastic_resize_monitor_interval_s"] = par.resize_check_seconds
     trainer = TorchTrainer(
         _train_worker,
-        train_loop_config={"config": cfg.to_dict(), "metrics_uri": where.metrics_uri,
+        train_loop_config={"config": cfg.to_dict(), "run_uri": where.uri, "metrics_uri": where.metrics_uri,
                            "resize_key": resize_key},
         torch_config=TorchConfig(backend="nccl" if par.use_gpu else "gloo"),
         scaling_config=ScalingConfig(**scaling),
@@ -191,5 +205,27 @@ def train_on_ray(cfg: Config, wait: WaitPolicy = "auto", timeout: float = 1800.0
         print(f"run {where.name}: checkpoints and metrics (TensorBoard, metrics.jsonl) in {where.uri}")
         try:
             return trainer.fit()
+        except Exception as err:
+            # S3 names keys without the bucket: the run's directory is what both name
+            failure = _storage_failure(err, where.uri, f"{Path(storage.path).name}/{where.name}")
+            if failure is None:
+                raise
+            raise failure from err
         finally:
             _internal_kv_del(resize_key.encode())
+
+
+def _storage_failure(err: Exception, uri: str, run_dir: str) -> StorageError | None:
+    """A run that failed because its storage did (S3 unreachable while a checkpoint or
+    metrics were uploaded: an OSError that names ``run_dir``): the
+    user's error, one line naming the run, instead of Ray's worker-group failure around
+    pyarrow's. None for any other failure."""
+    users = find_cause(err, RaymoeError)
+    if users is not None and not isinstance(users, StorageError):
+        return None
+    failed = users or find_cause(err, OSError)
+    if failed is None or run_dir not in str(failed):
+        return None
+    first_line = str(failed).strip().splitlines()[0]
+    return StorageError(f"{uri}: the run's storage failed (the last complete checkpoint is kept; "
+                        f"run the same command again to resume from it): {first_line}")
