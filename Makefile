@@ -32,12 +32,13 @@ study: $(STAMP)
 	$(VENV)/bin/raymoe compare jobs/configs/study-tiny.yaml
 	mkdir -p docs && cp runs/study-tiny/validation_loss.png docs/study-tiny.png
 
+# Two pytest-xdist workers, each running one group of tests (tests/conftest.py says which).
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 -n 2 --dist loadgroup
 
 # What needs neither a Ray cluster nor the S3 server: for the edit-test loop.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not ray and not s3 and not slow"
+	$(PY) -m pytest -q -m "not ray and not s3 and not slow" -n 2 --dist loadgroup
 
 check: $(STAMP)
 	$(VENV)/bin/ruff check raymoe tests bench jobs

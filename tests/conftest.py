@@ -27,15 +27,39 @@ needs_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"needs the shared data set ({SHARED_DATA}: real books and "
     "the published eval files), which is not beside this clone")
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `make test` runs two workers on the machine's cores: one compute thread each, for them
+    # and every process they start (gloo ranks, Ray workers inherit it). Idle OpenMP threads
+    # spin, and two workers' spinning pools starve each other: with torch's default threads
+    # the fast subset took 9 minutes instead of under 2.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
+
 _MARK_BY_FIXTURE = {"ray_cluster": "ray", "ray_head": "ray", "s3_server": "s3"}
 
 
+OWN_PROCESS_MODULES = {
+    "test_multinode", "test_checkpoint", "test_sharding", "test_expert_parallel", "test_plan_memory",
+    "test_gpt", "test_gating", "test_moe_layer", "test_host_syncs", "test_bench_gpu", "test_plan",
+    "test_layout", "test_config", "test_cluster", "test_submit_cli"}
+"""Modules whose tests start only processes of their own (a multi-node Ray cluster, gloo
+process groups) or none: `make test` runs them on one pytest-xdist worker while the other
+runs every test that shares the session's services (the local Ray cluster, the sentence
+models, the prepared sample); the two groups take about as long, and the multi-node
+tests spend much of theirs waiting for Ray."""
+
+
 def pytest_collection_modifyitems(config, items):
-    """Mark each test with the services its fixtures (direct or indirect) start."""
+    """Mark each test with the services its fixtures (direct or indirect) start, and with
+    the pytest-xdist group it runs in (see OWN_PROCESS_MODULES)."""
     for item in items:
         for fixture, mark in _MARK_BY_FIXTURE.items():
             if fixture in getattr(item, "fixturenames", ()):
                 item.add_marker(mark)
+        own = item.module.__name__ in OWN_PROCESS_MODULES
+        item.add_marker(pytest.mark.xdist_group("own-processes" if own else "session-services"))
 
 
 def skip_without_shared_data() -> None:
@@ -124,11 +148,34 @@ def ray_cluster(request, tmp_path_factory):
         request.getfixturevalue("s3_server")
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.1")
+    _session_ray_dir.append(str(tmp_path_factory.mktemp("ray")))
     context = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
-                       _temp_dir=str(tmp_path_factory.mktemp("ray")))
+                       _temp_dir=_session_ray_dir[-1])
     ray.data.DataContext.get_current().enable_progress_bars = False
     yield context
     ray.shutdown()
+
+
+_session_ray_dir: list[str] = []
+"""The temp dir of this session's Ray cluster, once started."""
+
+
+def session_ray_processes() -> list[tuple[int, str]]:
+    """(pid, command line) of every process of this session's Ray cluster: its raylet's
+    descendants, where its workers run. Other Ray clusters on the machine (another test
+    process's, the multi-node cluster's) are not among them."""
+    import psutil
+
+    found = []
+    for proc in psutil.process_iter(["pid", "name", "cmdline"]):
+        line = " ".join(proc.info["cmdline"] or [])
+        if "raylet" in (proc.info["name"] or "") and _session_ray_dir and _session_ray_dir[-1] in line:
+            for child in proc.children(recursive=True):
+                try:
+                    found.append((child.pid, " ".join(child.cmdline())))
+                except psutil.Error:  # gone meanwhile
+                    pass
+    return found
 
 
 @pytest.fixture(scope="session")

@@ -64,7 +64,7 @@ def cluster(s3_server):
 
 @pytest.fixture(scope="module")
 def s3(s3_server):
-    """This module's prefix in the bucket, and the bytes reader the checks use."""
+    """This module's prefix in the bucket, and the reader (and deleter) the checks use."""
     prefix = f"multinode-{secrets.token_hex(4)}"
     fs = s3_server["fs"]
 
@@ -79,7 +79,10 @@ def s3(s3_server):
         infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
         return sorted(i.path[len(base) + 1:] for i in infos if i.type == pafs.FileType.File)
 
-    return {"uri": f"s3://{s3_server['bucket']}/{prefix}", "read": read, "list": listing}
+    def delete(key: str) -> None:
+        fs.delete_file(f"{s3_server['bucket']}/{prefix}/{key}")
+
+    return {"uri": f"s3://{s3_server['bucket']}/{prefix}", "read": read, "list": listing, "delete": delete}
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +127,8 @@ def job_id_of(output: str) -> str:
 def test_a_job_waits_for_nodes_then_trains_and_a_new_driver_resumes_from_s3_at_ep_2_on_4_workers(
         cluster, s3, dataset_uri, new_driver_dir):
     """The job trains at EP 2 on 2 workers (one a node); a new driver resumes it on 4 (two
-    a node, EP 2 again) and each rank reads only its part of the checkpoint from S3."""
+    a node, EP 2 again) without Ray's record of the run, and each rank reads only its part
+    of the checkpoint from S3."""
     storage = f"{s3['uri']}/runs"
     train_args = ["tiny-moe8", f"data.path={dataset_uri}", f"train.storage={storage}",
                   "train.run_name=joined", *SMALL, "parallel.ep_size=2"]
@@ -145,8 +149,11 @@ def test_a_job_waits_for_nodes_then_trains_and_a_new_driver_resumes_from_s3_at_e
     logs = jobs.logs(job)
     assert "the cluster fits the worker group after" in logs and "finished at step 4" in logs
 
-    # A second driver, in a directory of its own, resumes the run from S3 alone, on 4 workers.
+    # A second driver, in a directory of its own, resumes the run from S3 alone, on 4 workers,
+    # even with Ray's own record of the run's checkpoints lost (as a storage failure while
+    # Ray writes it loses it): from the latest complete checkpoint in the run's storage.
     shutil.rmtree(driver)
+    s3["delete"]("runs/joined/checkpoint_manager_snapshot.json")
     driver = new_driver_dir()
     resumed = cluster.raymoe("train", *train_args, "train.max_steps=6", "train.checkpoint_every=2",
                              "parallel.num_workers=4", "parallel.cpus_per_worker=1", "train.micro_batch=2",
@@ -156,6 +163,7 @@ def test_a_job_waits_for_nodes_then_trains_and_a_new_driver_resumes_from_s3_at_e
     assert re.search(r"resumed from \S+ at step 4 \(1,024 tokens\)", resumed.stdout + resumed.stderr), \
         resumed.stdout + resumed.stderr
     assert "finished at step 6" in resumed.stdout
+    assert "Ray Train holds no record of this run's checkpoints; resuming from" in resumed.stdout + resumed.stderr
 
     metrics = [json.loads(line) for line in s3["read"]("runs/joined/metrics/metrics.jsonl").splitlines()]
     assert [m["step"] for m in metrics if "loss" in m] == [1, 2, 3, 4, 5, 6]

@@ -11,8 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-import psutil
 import pytest
+from conftest import session_ray_processes
 
 from raymoe.config import load_config
 from raymoe.data.storage import StorageError, locate
@@ -51,107 +51,91 @@ NO_RTS = ["model.moe.use_rts=false", "train.global_batch=16"]
 16 sequences are micro-batches of 4 on one, two or four workers."""
 
 
+REFERENCE_STEPS = 12
+
+
 @pytest.fixture(scope="module")
-def one_worker(dataset, tmp_path_factory) -> dict[int, float]:
-    """Step -> loss of 10 steps on one worker, the reference of every other layout."""
+def one_worker(dataset, tmp_path_factory) -> tuple[dict[int, float], dict]:
+    """Step -> loss of 12 steps on one worker, and its final data cursor: the reference of
+    every other layout, of a restarted and of a resumed run."""
     storage = tmp_path_factory.mktemp("one")
-    assert train_on_ray(config(dataset, str(storage), "one", "parallel.num_workers=1",
-                               "train.max_steps=10", *NO_RTS)).error is None
-    return losses(storage, "one")
+    result = train_on_ray(config(dataset, str(storage), "one", "parallel.num_workers=1",
+                                 f"train.max_steps={REFERENCE_STEPS}", *NO_RTS))
+    assert result.error is None
+    return losses(storage, "one"), final_cursor(result)
+
+
+def assert_same_losses(got: dict[int, float], expected: dict[int, float], steps: range) -> None:
+    """Another layout sums in another order: equal to 1e-4 (one layout: 1e-5 or better)."""
+    for step in steps:
+        assert got[step] == pytest.approx(expected[step], abs=1e-4), step
 
 
 def test_two_workers_with_ep_2_equal_one_worker(dataset, one_worker, tmp_path):
+    expected, _ = one_worker
     two = config(dataset, str(tmp_path), "two", "parallel.num_workers=2", "parallel.ep_size=2",
                  "train.max_steps=5", *NO_RTS)
     assert two.train.global_batch == 16
     assert train_on_ray(two).error is None
     b = losses(tmp_path, "two")
-    assert sorted(b) == [1, 2, 3, 4, 5] and sorted(one_worker) == list(range(1, 11))
-    for step in b:
-        assert one_worker[step] == pytest.approx(b[step], abs=1e-4), step
+    assert sorted(b) == [1, 2, 3, 4, 5] and sorted(expected) == list(range(1, REFERENCE_STEPS + 1))
+    assert_same_losses(b, expected, range(1, 6))
     assert b[5] < b[1]
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(dataset, tmp_path_factory):
-    storage = tmp_path_factory.mktemp("runs")
-    result = train_on_ray(config(dataset, str(storage), "full", "train.max_steps=12",
-                                 "train.checkpoint_every=3"))
-    assert result.error is None
-    return storage, losses(storage, "full"), final_cursor(result)
-
-
-def test_resume_continues_exactly(dataset, uninterrupted):
-    storage, expected, cursor = uninterrupted
-    first = train_on_ray(config(dataset, str(storage), "resumed", "train.max_steps=6",
-                                "train.checkpoint_every=3"))
-    assert first.metrics["step"] == 6
-    second = train_on_ray(config(dataset, str(storage), "resumed", "train.max_steps=12",
-                                 "train.checkpoint_every=3"))
-    assert second.error is None and second.metrics["step"] == 12
-    got = losses(storage, "resumed")
-    for step in range(7, 13):
-        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
-    assert final_cursor(second) == cursor  # the same sequences, none twice
-
-
 def _kill_a_worker_after(metrics_file: Path, step: int, killed: list[int]) -> None:
+    """Once ``step`` is logged, SIGKILL one training worker of the session's Ray cluster
+    (only its own: other clusters may run on the machine)."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         if metrics_file.is_file() and any(json.loads(line).get("step", 0) >= step
                                            for line in metrics_file.read_text().splitlines()):
-            for proc in psutil.process_iter(["pid", "cmdline"]):
-                if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
-                    os.kill(proc.info["pid"], signal.SIGKILL)
-                    killed.append(proc.info["pid"])
+            for pid, command in session_ray_processes():
+                if "RayTrainWorker" in command:
+                    os.kill(pid, signal.SIGKILL)
+                    killed.append(pid)
                     return
         time.sleep(0.02)
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(dataset, uninterrupted):
-    storage, expected, cursor = uninterrupted
+def test_killed_worker_restarts_from_the_last_checkpoint(dataset, one_worker, tmp_path):
+    expected, cursor = one_worker
     killed: list[int] = []
     killer = threading.Thread(target=_kill_a_worker_after,
-                              args=(storage / "faulty" / "metrics" / "metrics.jsonl", 4, killed))
+                              args=(tmp_path / "faulty" / "metrics" / "metrics.jsonl", 4, killed))
     killer.start()
-    result = train_on_ray(config(dataset, str(storage), "faulty", "train.max_steps=12",
-                                 "train.checkpoint_every=3", "train.max_failures=1"))
+    result = train_on_ray(config(dataset, str(tmp_path), "faulty", f"train.max_steps={REFERENCE_STEPS}",
+                                 "train.checkpoint_every=3", "train.max_failures=1", *NO_RTS))
     killer.join()
     assert killed, "no worker was killed: the test did not test anything"
-    assert result.error is None and result.metrics["step"] == 12
-    assert result.metrics["lm_loss"] == pytest.approx(expected[12], abs=1e-5)
-    assert final_cursor(result) == cursor
+    assert result.error is None and result.metrics["step"] == REFERENCE_STEPS
+    assert_same_losses(losses(tmp_path, "faulty"), expected, range(1, REFERENCE_STEPS + 1))
+    assert final_cursor(result) == cursor  # the same sequences, none twice
 
 
 def test_an_elastic_group_too_large_for_the_batch_trains_on_part_and_checkpoints_by_time(
-        dataset, uninterrupted):
-    """Ray starts 3 workers ([1, 3] on 4 CPUs); a step's 2 micro-batches split over 2: two
-    train, one idles through the run. Checkpoints come by the clock (the step rule is
-    never due before the end), every rank at the same step."""
-    storage, expected, cursor = uninterrupted
-    result = train_on_ray(config(dataset, str(storage), "elastic", "train.max_steps=12",
-                                 "parallel.num_workers=[1, 3]", "train.max_failures=1",
+        dataset, one_worker, tmp_path):
+    """Ray starts 3 workers ([1, 3] on 4 CPUs); a step's 4 micro-batches split over 2 (3
+    would not divide them): two train, one idles through the run. Checkpoints come by the
+    clock (the step rule is never due before the end), every rank at the same step."""
+    expected, cursor = one_worker
+    result = train_on_ray(config(dataset, str(tmp_path), "elastic", f"train.max_steps={REFERENCE_STEPS}",
+                                 "parallel.num_workers=[1, 3]", "train.max_failures=1", *NO_RTS,
                                  "train.checkpoint_every=1000", "train.checkpoint_every_minutes=0.01"))
-    assert result.error is None and result.metrics["step"] == 12
-    got = losses(storage, "elastic")
-    for step in range(1, 13):
-        assert got[step] == pytest.approx(expected[step], abs=1e-5), step
+    assert result.error is None and result.metrics["step"] == REFERENCE_STEPS
+    assert_same_losses(losses(tmp_path, "elastic"), expected, range(1, REFERENCE_STEPS + 1))
     assert final_cursor(result) == cursor
     records = [json.loads(line) for line in
-               (storage / "elastic" / "metrics" / "metrics.jsonl").read_text().splitlines()]
+               (tmp_path / "elastic" / "metrics" / "metrics.jsonl").read_text().splitlines()]
     assert {(r["workers"], r["ep_size"], r["idle_workers"]) for r in records if "lm_loss" in r} == {
         (2, 1, 1)}
-    saved = sorted(p.parent.name for p in (storage / "elastic").glob("step-*/manifest.json"))
-    assert len(saved) >= 2 and saved[-1] == "step-00000012", saved
+    saved = sorted(p.parent.name for p in (tmp_path / "elastic").glob("step-*/manifest.json"))
+    assert len(saved) >= 2 and saved[-1] == f"step-{REFERENCE_STEPS:08d}", saved
 
 
 def s3_records(s3_server, run: str) -> list[dict]:
     with s3_server["fs"].open_input_stream(f"{s3_server['bucket']}/runs/{run}/metrics/metrics.jsonl") as f:
         return [json.loads(line) for line in f.read().decode().splitlines()]
-
-
-RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
-"""Where Ray Train keeps the list of a run's checkpoints, in the run's storage."""
 
 
 def _stop_mid_upload(server, run: str, stopped: list[str]) -> None:
@@ -175,9 +159,13 @@ def _stop_mid_upload(server, run: str, stopped: list[str]) -> None:
 @pytest.mark.slow  # two runs of two workers, and the S3 server's restart
 def test_s3_stopped_during_uploads_no_partial_checkpoint_is_loaded(dataset, s3_server, one_worker):
     """The S3 server stops once step 2 is in storage, while the run checkpoints every step
-    (as a later checkpoint's upload starts, when the poll sees one): the run fails with the
-    storage error, the next run resumes from a complete checkpoint
-    (never a partial one) and trains as if nothing had happened."""
+    (as a later checkpoint's upload starts, when the poll sees one): the run fails with a
+    StorageError naming the run; the next run (another fit, as a user's second command)
+    resumes from a complete checkpoint, never a partial one, and continues exactly: the
+    losses and the final data cursor of the uninterrupted run. Ray's own record of the
+    run's checkpoints may or may not survive the stop (it did not when the stop hit its
+    upload); the run resumes either way."""
+    expected, cursor = one_worker
     storage = f"s3://{s3_server['bucket']}/runs"
     two = ["parallel.num_workers=2", "parallel.ep_size=2", "train.checkpoint_every=1", *NO_RTS]
     stopped: list[str] = []
@@ -192,10 +180,6 @@ def test_s3_stopped_during_uploads_no_partial_checkpoint_is_loaded(dataset, s3_s
         if stopped:
             s3_server["server"].start()
     assert stopped, "the S3 server was never stopped: the test did not test anything"
-    # Ray's own record of the run's checkpoints can be lost with the stop (seen when the stop
-    # hit its upload: Ray then knows no checkpoint); take it away so that every run of the
-    # test resumes the way that case must, from the run's storage.
-    s3_server["fs"].delete_file(f"{s3_server['bucket']}/runs/cut/{RAY_SNAPSHOT}")
     # The user's error, naming the run whose storage failed (the CLI prints it as one line)
     assert str(failed.value).startswith(f"{storage}/cut: the run's storage failed"), failed.value
     checkpoints = [f"{storage}/cut/{name}" for name in locate(f"{storage}/cut").children()
@@ -204,15 +188,20 @@ def test_s3_stopped_during_uploads_no_partial_checkpoint_is_loaded(dataset, s3_s
     print("stopped with", stopped[0], "; checkpoints after the stop:", status)
     latest = latest_checkpoint(f"{storage}/cut")
     assert latest is not None and latest >= f"{storage}/cut/step-00000002"
-    resumed = train_on_ray(config(dataset, storage, "cut", "train.max_steps=10", *two))
-    assert resumed.error is None and resumed.metrics["step"] == 10
-    assert resumed.checkpoint.path.endswith("runs/cut/step-00000010")  # Ray's view of the S3 path
+    resumed = train_on_ray(config(dataset, storage, "cut", f"train.max_steps={REFERENCE_STEPS}", *two))
+    assert resumed.error is None and resumed.metrics["step"] == REFERENCE_STEPS
+    assert resumed.checkpoint.path.endswith(f"runs/cut/step-{REFERENCE_STEPS:08d}")  # Ray's view of S3
     records = s3_records(s3_server, "cut")
     resumes = [r["resumed_from"] for r in records if "resumed_from" in r]
     assert len(resumes) == 1 and status[resumes[0]] is None and resumes[0] <= latest
     got = {r["step"]: r["lm_loss"] for r in records if "lm_loss" in r}
-    for step in range(int(resumes[0][-8:]) + 1, 11):
-        assert got[step] == pytest.approx(one_worker[step], abs=1e-4), step
+    assert_same_losses(got, expected, range(int(resumes[0][-8:]) + 1, REFERENCE_STEPS + 1))
+    assert final_cursor_on_s3(s3_server, resumed) == cursor  # the same sequences, none twice
+
+
+def final_cursor_on_s3(s3_server, result) -> dict:
+    with s3_server["fs"].open_input_stream(f"{result.checkpoint.path}/manifest.json") as f:
+        return json.loads(f.read())["extra"]["cursor"]
 
 
 def test_too_many_workers_fail_fast_with_the_numbers(dataset, tmp_path):
