@@ -32,11 +32,11 @@ study: $(STAMP)
 	$(VENV)/bin/raymoe compare jobs/configs/study-tiny.yaml
 	mkdir -p docs && cp runs/study-tiny/validation_loss.png docs/study-tiny.png
 
-# Two pytest-xdist workers, each running one group of tests (tests/conftest.py says which).
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 -n 2 --dist loadgroup
+	$(PY) -m pytest -q --durations=15
 
-# What needs neither a Ray cluster nor the S3 server: for the edit-test loop.
+# What needs neither a Ray cluster nor the S3 server: for the edit-test loop. Two
+# pytest-xdist workers, each running one group of tests (tests/conftest.py says which).
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not ray and not s3 and not slow" -n 2 --dist loadgroup
 

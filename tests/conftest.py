@@ -28,7 +28,7 @@ needs_shared_data = pytest.mark.skipif(
     "the published eval files), which is not beside this clone")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
-    # `make test` runs two workers on the machine's cores: one compute thread each, for them
+    # `make test-fast` runs two workers on the machine's cores: one compute thread each, for them
     # and every process they start (gloo ranks, Ray workers inherit it). Idle OpenMP threads
     # spin, and two workers' spinning pools starve each other: with torch's default threads
     # the fast subset took 9 minutes instead of under 2.
@@ -45,10 +45,10 @@ OWN_PROCESS_MODULES = {
     "test_gpt", "test_gating", "test_moe_layer", "test_host_syncs", "test_bench_gpu", "test_plan",
     "test_layout", "test_config", "test_cluster", "test_submit_cli"}
 """Modules whose tests start only processes of their own (a multi-node Ray cluster, gloo
-process groups) or none: `make test` runs them on one pytest-xdist worker while the other
-runs every test that shares the session's services (the local Ray cluster, the sentence
-models, the prepared sample); the two groups take about as long, and the multi-node
-tests spend much of theirs waiting for Ray."""
+process groups) or none: `make test-fast` runs them on one pytest-xdist worker while the
+other runs the tests that share the session's services (the sentence models, the prepared
+sample). `make test` runs one process: the whole suite in two workers on 2 cores was only
+a fifth faster, slowed every Ray test by contention, and failed `ray start` twice."""
 
 
 def pytest_collection_modifyitems(config, items):
