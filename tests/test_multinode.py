@@ -188,12 +188,13 @@ def expected_reads(s3, checkpoint: str, layout: MeshLayout, num_experts: int) ->
     the same EP size: the manifest, DCP's index, every dense item (replicated), the expert
     items of its EP rank's block, and its own rank file when the world size is the
     checkpoint's (RNG states only restore at the same size); from DCP's index."""
-    manifest = json.loads(s3["read"](f"{checkpoint}/manifest.json"))
+    manifest_bytes = s3["read"](f"{checkpoint}/manifest.json")
+    manifest = json.loads(manifest_bytes)
     sizes = manifest["files"]
     items = pickle.loads(s3["read"](f"{checkpoint}/.metadata")).storage_data
     same_world = manifest["world_size"] == layout.world_size
     blocks = [layout.global_expert_ids(rank, num_experts) for rank in range(layout.world_size)]
-    reads = [len(s3["read"](f"{checkpoint}/manifest.json")) + sizes[".metadata"]
+    reads = [len(manifest_bytes) + sizes[".metadata"]
              + (sizes[f"rank-{rank:05d}.pt"] if same_world else 0) for rank in range(layout.world_size)]
     for index, info in items.items():
         for rank, block in enumerate(blocks):

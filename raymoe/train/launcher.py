@@ -217,9 +217,8 @@ def train_on_ray(cfg: Config, wait: WaitPolicy = "auto", timeout: float = 1800.0
 
 def _storage_failure(err: Exception, uri: str, run_dir: str) -> StorageError | None:
     """A run that failed because its storage did (S3 unreachable while a checkpoint or
-    metrics were uploaded: an OSError that names ``run_dir``): the
-    user's error, one line naming the run, instead of Ray's worker-group failure around
-    pyarrow's. None for any other failure."""
+    metrics were uploaded: an OSError that names ``run_dir``): the user's error, one line
+    naming the run, instead of Ray's failure around pyarrow's. None for any other failure."""
     users = find_cause(err, RaymoeError)
     if users is not None and not isinstance(users, StorageError):
         return None
