@@ -185,8 +185,12 @@ def step_seconds(metrics: Path) -> float:
 
 
 def one_process_step_seconds() -> float:
-    """tiny-moe8's step on one process: a micro-batch of 8 (what each of 2 workers does)."""
+    """tiny-moe8's step on one process: a micro-batch of 8 (what each of 2 workers does),
+    with the compute threads a worker gets (Ray sets OMP_NUM_THREADS from the worker's CPUs:
+    1 for 0.5), so that the ratio shows what the reader and the worker's other work cost."""
     cfg = load_config("tiny-moe8")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, int(cfg.parallel.cpus_per_worker)))
     model = GPT(cfg.model)
     opt = torch.optim.AdamW(model.parameters())
     x = torch.randint(0, 256, (cfg.train.micro_batch, cfg.model.seq_len + 1))
@@ -197,6 +201,7 @@ def one_process_step_seconds() -> float:
         opt.step()
         opt.zero_grad(set_to_none=False)
         times.append(time.perf_counter() - started)
+    torch.set_num_threads(threads)
     return float(np.median(times[5:]))
 
 

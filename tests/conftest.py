@@ -206,3 +206,25 @@ def sentence_runs(tmp_path_factory):
         return runs[experts]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def untrained_runs(tmp_path_factory) -> dict[int, Path]:
+    """Untrained sentence-model checkpoints by number of experts (0: dense, 4)."""
+    from sentence_models import save_untrained_models
+
+    return save_untrained_models(tmp_path_factory.mktemp("untrained"))
+
+
+@pytest.fixture(scope="session")
+def moe_runs(untrained_runs, tmp_path_factory) -> dict[int, Path]:
+    """The untrained 4-expert model as written at EP 1, and re-written at EP 2 (2 gloo ranks)."""
+    from multiproc import run_distributed
+    from sentence_models import resave_with_ep_2
+
+    from raymoe.parallel.checkpoint import read_manifest, step_directory
+
+    ep2 = tmp_path_factory.mktemp("written-at-ep2")
+    run_distributed(resave_with_ep_2, 2, ep2, str(untrained_runs[4]), str(ep2 / "run"))
+    assert read_manifest(step_directory(ep2 / "run", 300))["ep_size"] == 2
+    return {1: untrained_runs[4], 2: ep2 / "run"}

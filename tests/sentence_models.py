@@ -60,3 +60,25 @@ def save_sentence_model(model: GPT, cfg: Config, run_dir: Path, step: int = 300,
                         mesh: Mesh | None = None) -> Path:
     extra = {"config": cfg.to_dict(), "tokenizer": "bytes", "step": step}
     return save_checkpoint(step_directory(run_dir, step), model, mesh or Mesh(1), extra=extra)
+
+
+def save_untrained_models(root: Path) -> dict[int, Path]:
+    """Freshly initialised sentence-model checkpoints by number of experts (0: dense), in
+    ``root``/untrained-N: equality with one process needs no training."""
+    runs = {}
+    for experts in (0, 4):
+        torch.manual_seed(experts)
+        cfg = sentence_config(experts)
+        runs[experts] = root / f"untrained-{experts}"
+        save_sentence_model(GPT(cfg.model), cfg, runs[experts])
+    return runs
+
+
+def resave_with_ep_2(rank: int, world: int, source: str, target: str) -> None:
+    """One of 2 ranks: the checkpoint ``source`` loaded at EP 2 and saved again in ``target``."""
+    from raymoe.eval.loading import load_model
+    from raymoe.parallel.checkpoint import read_manifest
+
+    loaded = load_model(source, mesh=Mesh(ep_size=2))
+    extra = read_manifest(loaded.uri)["extra"]
+    save_checkpoint(step_directory(target, loaded.step), loaded.model, Mesh(ep_size=2), extra=extra)

@@ -11,9 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
-from multiproc import run_distributed
-from sentence_models import SENTENCES, save_sentence_model, sentence_config
+from sentence_models import SENTENCES
 from test_eval import sentence_tasks  # noqa: F401  (a fixture)
 
 from raymoe import cli
@@ -23,44 +21,13 @@ from raymoe.eval.loading import load_model
 from raymoe.eval.runner import evaluate_checkpoint
 from raymoe.infer.group import GroupOptions, InferenceGroups
 from raymoe.infer.worker import resident_bytes
-from raymoe.model import GPT
 from raymoe.model.generation import Sampling, generate
-from raymoe.parallel.checkpoint import read_manifest, save_checkpoint, step_directory
-from raymoe.parallel.mesh import Mesh
 from raymoe.runs import checkpoint_manifest
 from raymoe.train.capacity import ClusterTooSmallError
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [" ".join(s.split()[:2]) for s in SENTENCES[:3]] + ["h"]
 TASKS = ["endings", "lambada", "triviaqa"]
-
-
-def _resave_with_ep_2(rank: int, world: int, source: str, target: str) -> None:
-    loaded = load_model(source, mesh=Mesh(ep_size=2))
-    extra = read_manifest(loaded.uri)["extra"]
-    save_checkpoint(step_directory(target, loaded.step), loaded.model, Mesh(ep_size=2), extra=extra)
-
-
-@pytest.fixture(scope="module")
-def untrained_runs(tmp_path_factory) -> dict[int, Path]:
-    """Freshly initialised sentence-model checkpoints by number of experts (0: dense):
-    equality with one process needs no training."""
-    runs = {}
-    for experts in (0, 4):
-        torch.manual_seed(experts)
-        cfg = sentence_config(experts)
-        runs[experts] = tmp_path_factory.mktemp(f"untrained-{experts}")
-        save_sentence_model(GPT(cfg.model), cfg, runs[experts])
-    return runs
-
-
-@pytest.fixture(scope="module")
-def moe_runs(untrained_runs, tmp_path_factory) -> dict[int, Path]:
-    """The 4-expert model as written at EP 1, and re-written at EP 2."""
-    ep2 = tmp_path_factory.mktemp("written-at-ep2")
-    run_distributed(_resave_with_ep_2, 2, ep2, str(untrained_runs[4]), str(ep2 / "run"))
-    assert read_manifest(step_directory(ep2 / "run", 300))["ep_size"] == 2
-    return {1: untrained_runs[4], 2: ep2 / "run"}
 
 
 def _options(files: dict[str, str]) -> EvalOptions:

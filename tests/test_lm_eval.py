@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 from sentence_models import SENTENCES
 from test_eval import sentence_tasks  # noqa: F401  (a fixture)
-from test_infer import moe_runs, untrained_runs  # noqa: F401  (fixtures)
 
 from raymoe.eval.harness import EvalOptions
 from raymoe.eval.loading import load_model
@@ -114,7 +113,7 @@ def test_harness_tasks_give_the_numbers_of_raymoe_eval(sentence_runs, sentence_t
 
 
 @pytest.mark.slow
-def test_an_ep_group_gives_the_harness_numbers_of_one_process(ray_cluster, moe_runs, harness_tasks):  # noqa: F811
+def test_an_ep_group_gives_the_harness_numbers_of_one_process(ray_cluster, moe_runs, harness_tasks):
     """Written at EP 2, scored in one process and on a group of 2 Ray actors (this process
     is connected to the test's cluster, which the adapter then uses)."""
     from lm_eval import simple_evaluate

@@ -25,6 +25,7 @@ import pytest
 import yaml
 from conftest import REPO
 from multinode import BIN, MultiNodeCluster, wait_until
+from one_process import train_in_one_process
 
 from raymoe.eval.harness import EvalOptions
 from raymoe.eval.runner import evaluate_checkpoint
@@ -127,24 +128,12 @@ the lost size (Ray sees the node for up to its 20 s refresh) gives up after 30 s
 
 
 def reference_run(dataset_uri: str, directory: Path, steps: int) -> tuple[dict[int, float], dict]:
-    """The same run uninterrupted, at a fixed size (one process, EP 1, here): step -> loss,
-    and its final data cursor."""
-    import torch
-
+    """The same run uninterrupted, at a fixed size (one process, EP 1, here)."""
     from raymoe.config import load_config
-    from raymoe.parallel.checkpoint import read_manifest
-    from raymoe.runs import latest_checkpoint
-    from raymoe.train.loop import FileHooks, Trainer
 
-    cfg = load_config("tiny-moe8", [f"data.path={dataset_uri}", *ELASTIC, "parallel.num_workers=1",
-                                    "parallel.ep_size=1", "train.checkpoint_every=100000",
-                                    f"train.max_steps={steps}"])
-    Trainer(cfg, FileHooks(directory, keep=1, rank=0), torch.device("cpu"),
-            metrics_uri=directory / "metrics", log=lambda _: None).run()
-    lines = [json.loads(line) for line in (directory / "metrics" / "metrics.jsonl").read_text().splitlines()]
-    latest = latest_checkpoint(str(directory))
-    assert latest is not None
-    return {r["step"]: r["lm_loss"] for r in lines if "lm_loss" in r}, read_manifest(latest)["extra"]["cursor"]
+    return train_in_one_process(load_config("tiny-moe8", [
+        f"data.path={dataset_uri}", *ELASTIC, "parallel.num_workers=1", "parallel.ep_size=1",
+        "train.checkpoint_every=100000", f"train.max_steps={steps}"]), directory)
 
 
 def test_an_elastic_job_waits_for_a_node_grows_and_shrinks_with_the_nodes_and_a_new_driver_resumes_it(

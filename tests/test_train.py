@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import session_ray_processes
+from one_process import train_in_one_process
 
 from raymoe.config import load_config
 from raymoe.data.storage import StorageError, locate
@@ -56,13 +57,12 @@ REFERENCE_STEPS = 12
 
 @pytest.fixture(scope="module")
 def one_worker(dataset, tmp_path_factory) -> tuple[dict[int, float], dict]:
-    """Step -> loss of 12 steps on one worker, and its final data cursor: the reference of
-    every other layout, of a restarted and of a resumed run."""
+    """Step -> loss of 12 steps of one rank (in this process), and its final data cursor:
+    the reference of every other layout, of a restarted and of a resumed run."""
     storage = tmp_path_factory.mktemp("one")
-    result = train_on_ray(config(dataset, str(storage), "one", "parallel.num_workers=1",
-                                 f"train.max_steps={REFERENCE_STEPS}", *NO_RTS))
-    assert result.error is None
-    return losses(storage, "one"), final_cursor(result)
+    cfg = config(dataset, str(storage), "one", "parallel.num_workers=1", f"train.max_steps={REFERENCE_STEPS}",
+                 *NO_RTS)
+    return train_in_one_process(cfg, storage / "one")
 
 
 def assert_same_losses(got: dict[int, float], expected: dict[int, float], steps: range) -> None:
@@ -213,7 +213,7 @@ def test_a_workers_error_reaches_the_user_as_one_line(tmp_path, dataset):
     from raymoe.data.shards import DatasetError
     from raymoe.errors import find_cause
 
-    cfg = config(tmp_path / "missing", str(tmp_path), "missing-data")
+    cfg = config(tmp_path / "missing", str(tmp_path), "missing-data", "parallel.num_workers=1")
     with pytest.raises(Exception) as caught:
         result = train_on_ray(cfg)
         if result.error is not None:
