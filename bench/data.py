@@ -12,7 +12,8 @@
    reference's 372 samples/s on 128 A100s.
 4. The step time of tiny-moe8 on 2 Ray workers on the Austen books (bytes, seq 128,
    8,000-character documents, 128 KiB shards: many shards) against the bundled sample,
-   and the one-process step time; skipped without ../shared/data.
+   and against the trainer stepping the same global batch in one process without Ray Train
+   (on the same cores, the local Ray cluster up in both); skipped without ../shared/data.
 5. `raymoe prepare` (Ray Data) against plain one-process tokenization of the same books;
    skipped without ../shared/data.
 
@@ -57,7 +58,6 @@ from raymoe.data.storage import Location  # noqa: E402
 from raymoe.data.stream import SequenceReader  # noqa: E402
 from raymoe.data.text import decode_text, strip_gutenberg  # noqa: E402
 from raymoe.data.tokenizers import gpt2_tokenizer  # noqa: E402
-from raymoe.model import GPT  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 CORPUS = SHARED / "corpus" / "gutenberg"
@@ -184,28 +184,30 @@ def step_seconds(metrics: Path) -> float:
     return (rows[-1]["time"] - rows[0]["time"]) / (rows[-1]["step"] - rows[0]["step"])
 
 
-def one_process_step_seconds() -> float:
-    """tiny-moe8's step on one process: a micro-batch of 8 (what each of 2 workers does),
-    with the compute threads a worker gets (Ray sets OMP_NUM_THREADS from the worker's CPUs:
-    1 for 0.5), so that the ratio shows what the reader and the worker's other work cost."""
-    cfg = load_config("tiny-moe8")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, int(cfg.parallel.cpus_per_worker)))
-    model = GPT(cfg.model)
-    opt = torch.optim.AdamW(model.parameters())
-    x = torch.randint(0, 256, (cfg.train.micro_batch, cfg.model.seq_len + 1))
-    times = []
-    for _ in range(25):
-        started = time.perf_counter()
-        model(x[:, :-1], x[:, 1:]).loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=False)
-        times.append(time.perf_counter() - started)
-    torch.set_num_threads(threads)
-    return float(np.median(times[5:]))
+def tiny_moe_config(data: Path, tmp: Path, name: str, steps: int, *extra: str):
+    """tiny-moe8 on ``data`` for ``steps`` steps, logging every 10, no checkpoint or
+    validation on the way, into ``tmp``/``name``."""
+    return load_config("tiny-moe8", [
+        f"data.path={data}", f"train.storage={tmp}", f"train.max_steps={steps}", "train.log_every=10",
+        "train.checkpoint_every=100000", "train.eval_every=100000", f"train.run_name={name}", *extra])
+
+
+def one_process_step_seconds(data: Path, tmp: Path, steps: int) -> float:
+    """tiny-moe8's whole step (the global batch of 16: 2 micro-batches of 8) by the trainer
+    in this process, without Ray Train, on the machine's cores (which the 2 workers share),
+    while the same local Ray cluster is up as during the Ray runs (its own processes take
+    CPU from training on 2 cores, one process or not)."""
+    from raymoe.train.loop import FileHooks, Trainer
+
+    cfg = tiny_moe_config(data, tmp, "one-process", steps, "parallel.num_workers=1")
+    Trainer(cfg, FileHooks(tmp / "one-process", keep=1, rank=0), torch.device("cpu"),
+            metrics_uri=tmp / "one-process" / "metrics", log=lambda _: None).run()
+    return step_seconds(tmp / "one-process" / "metrics" / "metrics.jsonl")
 
 
 def ray_step_seconds(tmp: Path, steps: int) -> tuple[float, float, int, int]:
+    """tiny-moe8's step on 2 Ray workers on the bundled sample and on the Austen books
+    (prepared in ``tmp``/sample-bytes and ``tmp``/austen-bytes), and their shard counts."""
     from raymoe.train.launcher import train_on_ray
 
     results = []
@@ -214,10 +216,7 @@ def ray_step_seconds(tmp: Path, steps: int) -> tuple[float, float, int, int]:
         prepare(PrepareOptions([str(corpus)], str(data), tokenizer="bytes", seq_len=128,
                                val_fraction=0.05, doc_chars=8000, shard_bytes=128 * 2**10),
                 log=lambda _: None)
-        train_on_ray(load_config("tiny-moe8", [
-            f"data.path={data}", f"train.storage={tmp}", f"train.max_steps={steps}",
-            "train.log_every=10", "train.checkpoint_every=100000", "train.eval_every=100000",
-            f"train.run_name={name}"]))
+        train_on_ray(tiny_moe_config(data, tmp, name, steps))
         results.append((step_seconds(tmp / name / "metrics" / "metrics.jsonl"),
                         len(PreparedDataset.open(str(data)).shards("train"))))
     (sample, sample_shards), (austen, austen_shards) = results
@@ -280,10 +279,11 @@ def main() -> None:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         ray.data.DataContext.get_current().enable_progress_bars = False
         sample, austen, sample_shards, austen_shards = ray_step_seconds(tmp, args.steps)
-        single = one_process_step_seconds()
+        single = one_process_step_seconds(tmp / "austen-bytes", tmp, args.steps)
         print(f"tiny-moe8 step on 2 Ray workers: bundled sample ({sample_shards} shards) {sample:.3f} s, "
               f"Austen ({austen_shards} shards) {austen:.3f} s -> Austen / sample = "
-              f"{austen / sample:.2f}; one process {single:.3f} s -> Austen / one process = "
+              f"{austen / sample:.2f}; one process (the whole batch, no Ray Train) {single:.3f} s -> "
+              f"Austen on 2 Ray workers / one process = "
               f"{austen / single:.2f}")
         prepare_against_plain(tmp, args.max_mb)
         ray.shutdown()
