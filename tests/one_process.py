@@ -19,7 +19,12 @@ def train_in_one_process(cfg: Config, directory: Path) -> tuple[dict[int, float]
     checkpoint's data cursor."""
     Trainer(cfg, FileHooks(directory, keep=1, rank=0), torch.device("cpu"),
             metrics_uri=directory / "metrics", log=lambda _: None).run()
-    lines = [json.loads(line) for line in (directory / "metrics" / "metrics.jsonl").read_text().splitlines()]
     latest = latest_checkpoint(str(directory))
     assert latest is not None
-    return {r["step"]: r["lm_loss"] for r in lines if "lm_loss" in r}, read_manifest(latest)["extra"]["cursor"]
+    return run_losses(directory), read_manifest(latest)["extra"]["cursor"]
+
+
+def run_losses(run_dir: Path) -> dict[int, float]:
+    """Step -> LM loss from the run's metrics.jsonl (a redone step's last line wins)."""
+    records = (json.loads(line) for line in (run_dir / "metrics" / "metrics.jsonl").read_text().splitlines())
+    return {r["step"]: r["lm_loss"] for r in records if "lm_loss" in r}

@@ -337,8 +337,8 @@ def test_a_study_submitted_as_a_job_writes_every_artefact_to_s3(cluster, s3, dat
     curves = list(csv.DictReader(io.StringIO(s3["read"](f"{study}/validation_curves.csv").decode())))
     assert {(r["trial"], int(r["tokens"])) for r in curves} == {
         (trial, n) for trial in ("dense-seed1", "moe-seed1") for n in (1024, 2048)}
-    assert len(s3["read"](f"{study}/validation_loss.png")) > 10_000
-    assert s3["read"](f"{study}/validation_loss.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    plot = s3["read"](f"{study}/validation_loss.png")
+    assert len(plot) > 10_000 and plot[:8] == b"\x89PNG\r\n\x1a\n"
     trials = json.loads(s3["read"](f"{study}/trials.json"))
     assert [t["error"] == "" for t in trials] == [True, True, False]
     for trial, ranks in (("dense-seed1", 0), ("moe-seed1", 2)):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import session_ray_processes
-from one_process import train_in_one_process
+from one_process import run_losses, train_in_one_process
 
 from raymoe.config import load_config
 from raymoe.data.storage import StorageError, locate
@@ -33,13 +33,7 @@ def config(dataset: Path, storage: str, name: str, *overrides: str):
 
 
 def losses(storage: Path, name: str) -> dict[int, float]:
-    """Step -> LM loss from the run's metrics.jsonl (the last line of a step wins)."""
-    out = {}
-    for line in (storage / name / "metrics" / "metrics.jsonl").read_text().splitlines():
-        record = json.loads(line)
-        if "lm_loss" in record:
-            out[record["step"]] = record["lm_loss"]
-    return out
+    return run_losses(storage / name)
 
 
 def final_cursor(result) -> dict:
