@@ -42,16 +42,23 @@ def test_a_bug_keeps_its_traceback_and_exits_1(tmp_path):
     assert out.stderr.rstrip().endswith("ZeroDivisionError: a bug, not the user")
 
 
-def test_train_with_a_missing_dataset_fails_before_joining_a_cluster(tmp_path):
-    """The address points at nothing: had raymoe tried to join it first, the error would be a
-    connection error, after a wait."""
+@pytest.fixture
+def no_joining(monkeypatch):
+    """Joining a cluster fails the test (as a bug: exit status 1, not the user's 2)."""
+    import ray
+
+    def join(*args, **kwargs):
+        raise AssertionError(f"joined a cluster: ray.init({args}, {kwargs})")
+
+    monkeypatch.setattr(ray, "init", join)
+
+
+def test_train_with_a_missing_dataset_fails_before_joining_a_cluster(tmp_path, no_joining, capsys):
     missing = tmp_path / "nowhere"
-    out = subprocess.run([sys.executable, "-m", "raymoe.cli", "train", "tiny", f"data.path={missing}",
-                          f"train.storage={tmp_path}", "--address", "127.0.0.1:9"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2, out.stderr
-    assert out.stderr == (f"raymoe: DatasetError: {missing}: no manifest.json; not a prepared dataset, "
-                          "or its preparation did not finish\n")
+    assert cli.main(["train", "tiny", f"data.path={missing}", f"train.storage={tmp_path}",
+                     "--address", "127.0.0.1:9"]) == 2
+    assert capsys.readouterr().err == (f"raymoe: DatasetError: {missing}: no manifest.json; not a prepared "
+                                       "dataset, or its preparation did not finish\n")
 
 
 def test_resuming_a_run_of_another_shape_is_refused_on_the_driver(tmp_path):
@@ -98,16 +105,14 @@ def test_rays_dual_class_wrapper_gives_way_to_the_users_error():
     assert cli.describe_error(inner) == "config error: model.n_head: 5 heads do not divide model.d_model=128"
 
 
-def test_a_study_with_a_missing_dataset_fails_before_joining_a_cluster(tmp_path):
+def test_a_study_with_a_missing_dataset_fails_before_joining_a_cluster(tmp_path, no_joining, capsys):
     missing = tmp_path / "nowhere"
     study = tmp_path / "study.yaml"
     study.write_text(f"name: s\nstorage: {tmp_path}\ndata: {missing}\ntokens: 1000\n"
                      "models: [{name: dense, config: tiny}]\n")
-    out = subprocess.run([sys.executable, "-m", "raymoe.cli", "compare", str(study), "--address", "127.0.0.1:9"],
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 2, out.stderr
-    assert out.stderr == (f"raymoe: DatasetError: {missing}: no manifest.json; not a prepared dataset, "
-                          "or its preparation did not finish\n")
+    assert cli.main(["compare", str(study), "--address", "127.0.0.1:9"]) == 2
+    assert capsys.readouterr().err == (f"raymoe: DatasetError: {missing}: no manifest.json; not a prepared "
+                                       "dataset, or its preparation did not finish\n")
 
 
 def test_a_controller_failure_of_ray_train_gives_up_the_error_it_holds():

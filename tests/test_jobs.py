@@ -65,7 +65,7 @@ def test_submit_follow_list_and_stop_jobs(ray_head, dataset, tmp_path, monkeypat
     jobs = RaymoeJobs(ray_head["address"], token=ray_head["token"])
     storage = tmp_path / "runs"
     train_args = [f"data.path={dataset}", f"train.storage={storage}", "train.max_steps=4",
-                  "train.checkpoint_every=2", "model.seq_len=32", "train.log_every=2"]
+                  "train.checkpoint_every=2", "model.seq_len=32", "train.log_every=2", "parallel.num_workers=1"]
     first = jobs.submit_train("tiny-moe8", train_args, working_dir=str(REPO))
     logs = "".join(jobs.follow(first))
     assert jobs.wait(first, timeout=60) == "SUCCEEDED", logs

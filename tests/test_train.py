@@ -65,13 +65,15 @@ def assert_same_losses(got: dict[int, float], expected: dict[int, float], steps:
         assert got[step] == pytest.approx(expected[step], abs=1e-4), step
 
 
-def _kill_a_worker_after(metrics_file: Path, step: int, killed: list[int]) -> None:
-    """Once ``step`` is logged, SIGKILL one training worker of the session's Ray cluster
-    (only its own: other clusters may run on the machine)."""
+def _kill_a_worker_past_a_checkpoint(run_dir: Path, killed: list[int]) -> None:
+    """Once a checkpoint is complete and a later step logged, SIGKILL one training worker
+    of the session's Ray cluster (only its own: other clusters may run on the machine)."""
     deadline = time.monotonic() + 240
+    metrics_file = run_dir / "metrics" / "metrics.jsonl"
     while time.monotonic() < deadline:
-        if metrics_file.is_file() and any(json.loads(line).get("step", 0) >= step
-                                           for line in metrics_file.read_text().splitlines()):
+        saved = [int(p.parent.name[5:]) for p in run_dir.glob("step-*/manifest.json")]
+        if saved and metrics_file.is_file() and any(json.loads(line).get("step", 0) > max(saved)
+                                                    for line in metrics_file.read_text().splitlines()):
             for pid, command in session_ray_processes():
                 if "RayTrainWorker" in command:
                     os.kill(pid, signal.SIGKILL)
@@ -80,41 +82,31 @@ def _kill_a_worker_after(metrics_file: Path, step: int, killed: list[int]) -> No
         time.sleep(0.02)
 
 
-def test_killed_worker_restarts_from_the_last_checkpoint(dataset, one_worker, tmp_path):
-    """Two workers at EP 2 train as one worker does (another layout: 1e-4), a worker is
-    killed at step 4, and the group restarts from the last checkpoint: the same losses and
-    the same sequences, none twice."""
+def test_an_elastic_group_too_large_for_the_batch_trains_on_part_and_a_killed_worker_restarts_it(
+        dataset, one_worker, tmp_path):
+    """Ray starts 3 workers ([1, 3] on 4 CPUs); a step's 4 micro-batches split over 2 (3
+    would not divide them): two train at EP 2, as one worker does (another layout: 1e-4),
+    and one idles. Checkpoints come by the clock (the step rule is never due before the
+    end), every rank at the same step. A worker is killed past a checkpoint and the group
+    restarts from the last one: the same losses and the same sequences, none twice."""
     expected, cursor = one_worker
     killed: list[int] = []
-    killer = threading.Thread(target=_kill_a_worker_after,
-                              args=(tmp_path / "faulty" / "metrics" / "metrics.jsonl", 4, killed))
+    killer = threading.Thread(target=_kill_a_worker_past_a_checkpoint, args=(tmp_path / "elastic", killed))
     killer.start()
-    result = train_on_ray(config(dataset, str(tmp_path), "faulty", f"train.max_steps={REFERENCE_STEPS}",
-                                 "parallel.num_workers=2", "parallel.ep_size=2", "train.checkpoint_every=3",
-                                 "train.max_failures=1", *NO_RTS))
+    result = train_on_ray(config(dataset, str(tmp_path), "elastic", f"train.max_steps={REFERENCE_STEPS}",
+                                 "parallel.num_workers=[1, 3]", "parallel.ep_size=2", "train.max_failures=1",
+                                 *NO_RTS, "train.checkpoint_every=1000", "train.checkpoint_every_minutes=0.01"))
     killer.join()
     assert killed, "no worker was killed: the test did not test anything"
     assert result.error is None and result.metrics["step"] == REFERENCE_STEPS
-    assert_same_losses(losses(tmp_path, "faulty"), expected, range(1, REFERENCE_STEPS + 1))
-    assert final_cursor(result) == cursor  # the same sequences, none twice
-
-
-def test_an_elastic_group_too_large_for_the_batch_trains_on_part_and_checkpoints_by_time(
-        dataset, one_worker, tmp_path):
-    """Ray starts 3 workers ([1, 3] on 4 CPUs); a step's 4 micro-batches split over 2 (3
-    would not divide them): two train, one idles through the run. Checkpoints come by the
-    clock (the step rule is never due before the end), every rank at the same step."""
-    expected, cursor = one_worker
-    result = train_on_ray(config(dataset, str(tmp_path), "elastic", f"train.max_steps={REFERENCE_STEPS}",
-                                 "parallel.num_workers=[1, 3]", "train.max_failures=1", *NO_RTS,
-                                 "train.checkpoint_every=1000", "train.checkpoint_every_minutes=0.01"))
-    assert result.error is None and result.metrics["step"] == REFERENCE_STEPS
     assert_same_losses(losses(tmp_path, "elastic"), expected, range(1, REFERENCE_STEPS + 1))
-    assert final_cursor(result) == cursor
+    assert final_cursor(result) == cursor  # the same sequences, none twice
     records = [json.loads(line) for line in
                (tmp_path / "elastic" / "metrics" / "metrics.jsonl").read_text().splitlines()]
     assert {(r["workers"], r["ep_size"], r["idle_workers"]) for r in records if "lm_loss" in r} == {
-        (2, 1, 1)}
+        (2, 2, 1)}
+    restarts = [r["resumed_from"] for r in records if "resumed_from" in r]
+    assert len(restarts) == 1 and int(restarts[0][-8:]) < REFERENCE_STEPS, restarts  # the kill's
     saved = sorted(p.parent.name for p in (tmp_path / "elastic").glob("step-*/manifest.json"))
     assert len(saved) >= 2 and saved[-1] == f"step-{REFERENCE_STEPS:08d}", saved
 
@@ -146,11 +138,11 @@ def _stop_mid_upload(server, run: str, stopped: list[str]) -> None:
 def test_s3_stopped_during_uploads_no_partial_checkpoint_is_loaded(dataset, s3_server, one_worker):
     """The S3 server stops once step 2 is in storage, while the run checkpoints every step
     (as a later checkpoint's upload starts, when the poll sees one): the run fails with a
-    StorageError naming the run; the next run (another fit, as a user's second command)
-    resumes from a complete checkpoint, never a partial one, and continues exactly: the
-    losses and the final data cursor of the uninterrupted run. Ray's own record of the
-    run's checkpoints may or may not survive the stop (it did not when the stop hit its
-    upload); the run resumes either way."""
+    StorageError naming the run; the next run (another fit, as a user's second command, on
+    one worker) resumes from a complete checkpoint, never a partial one, and continues
+    exactly: the losses and the final data cursor of the uninterrupted run. Ray's own record
+    of the run's checkpoints may or may not survive the stop (it did not when the stop hit
+    its upload); the run resumes either way."""
     expected, cursor = one_worker
     storage = f"s3://{s3_server['bucket']}/runs"
     two = ["parallel.num_workers=2", "parallel.ep_size=2", "train.checkpoint_every=1", *NO_RTS]
@@ -174,7 +166,8 @@ def test_s3_stopped_during_uploads_no_partial_checkpoint_is_loaded(dataset, s3_s
     print("stopped with", stopped[0], "; checkpoints after the stop:", status)
     latest = latest_checkpoint(f"{storage}/cut")
     assert latest is not None and latest >= f"{storage}/cut/step-00000002"
-    resumed = train_on_ray(config(dataset, storage, "cut", f"train.max_steps={REFERENCE_STEPS}", *two))
+    resumed = train_on_ray(config(dataset, storage, "cut", f"train.max_steps={REFERENCE_STEPS}",
+                                  "parallel.num_workers=1", *two[2:]))  # another layout: one rank reads both
     assert resumed.error is None and resumed.metrics["step"] == REFERENCE_STEPS
     assert resumed.checkpoint.path.endswith(f"runs/cut/step-{REFERENCE_STEPS:08d}")  # Ray's view of S3
     records = s3_records(s3_server, "cut")
