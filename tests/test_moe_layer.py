@@ -53,6 +53,8 @@ def test_one_expert_with_room_for_all_equals_a_dense_ffn():
     dense = MLP(cfg)
     layer = MoELayer(16, 64, MoEConfig(num_experts=1, capacity_factor=1.0, use_rts=False))
     with torch.no_grad():
+        # GPT initialises every parameter; a bare layer's are torch.empty's, NaN at times
+        torch.nn.init.normal_(layer.router.weight, std=0.3)
         layer.experts.w_in.copy_(dense.fc.weight.T[None])
         layer.experts.bias_in.copy_(dense.fc.bias[None])
         layer.experts.w_out.copy_(dense.proj.weight.T[None])
@@ -107,7 +109,7 @@ def test_jitter_only_in_training():
 def test_no_tensor_of_tokens_by_experts_by_capacity():
     """Peak memory stays near the activations: 4096 tokens, 128 experts, capacity 32 would
     make DeepSpeed's combine tensor 4096*128*32*4 bytes = 64 MiB on its own."""
-    layer = MoELayer(64, 128, MoEConfig(num_experts=128, use_rts=True))
+    layer = make_layer(d=64, f=128, num_experts=128, use_rts=True)
     x = torch.randn(4096, 64, requires_grad=True)
     with torch.profiler.profile(profile_memory=True) as prof:
         y, _ = layer(x)
