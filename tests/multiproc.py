@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import multiprocessing
 import os
 import socket
 from collections.abc import Callable
@@ -15,6 +16,15 @@ import torch.multiprocessing as mp
 
 TIMEOUT = datetime.timedelta(seconds=20)  # a collective bug fails fast instead of hanging
 
+multiprocessing.get_context("forkserver").set_forkserver_preload(
+    ["torch", "torch.distributed.checkpoint", "torch.distributed.fsdp", "raymoe.model", "raymoe.parallel",
+     "raymoe.train.step"])
+"""Ranks are forked from a server process that imported these once (at the first run):
+spawned ranks each imported them again, which was most of these tests' time (the gloo
+tests of test_expert_parallel, test_sharding and test_checkpoint took 110 s spawned, 48 s
+forked). The server is a fresh interpreter, not a fork of the test process and its Ray
+connection; each rank takes the test process's environment as it is at the run."""
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -22,8 +32,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn: Callable, out_dir: str, args: tuple) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _entry(rank: int, world_size: int, port: int, fn: Callable, out_dir: str, args: tuple,
+           environ: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=TIMEOUT)
     try:
@@ -37,5 +49,6 @@ def run_distributed(fn: Callable[..., Any], world_size: int, tmp_path: Path, *ar
     """fn(rank, world_size, *args) on each rank; returns the ranks' results in order."""
     out_dir = tmp_path / f"results-{fn.__name__}-{world_size}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    mp.spawn(_entry, args=(world_size, _free_port(), fn, str(out_dir), args), nprocs=world_size)
+    mp.start_processes(_entry, args=(world_size, _free_port(), fn, str(out_dir), args, dict(os.environ)),
+                       nprocs=world_size, start_method="forkserver")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
