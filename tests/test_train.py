@@ -32,10 +32,6 @@ def config(dataset: Path, storage: str, name: str, *overrides: str):
                                      f"train.run_name={name}", *SMALL, *overrides])
 
 
-def losses(storage: Path, name: str) -> dict[int, float]:
-    return run_losses(storage / name)
-
-
 def final_cursor(result) -> dict:
     manifest = json.loads((Path(result.checkpoint.path) / "manifest.json").read_text())
     return manifest["extra"]["cursor"]
@@ -99,7 +95,7 @@ def test_an_elastic_group_too_large_for_the_batch_trains_on_part_and_a_killed_wo
     killer.join()
     assert killed, "no worker was killed: the test did not test anything"
     assert result.error is None and result.metrics["step"] == REFERENCE_STEPS
-    assert_same_losses(losses(tmp_path, "elastic"), expected, range(1, REFERENCE_STEPS + 1))
+    assert_same_losses(run_losses(tmp_path / "elastic"), expected, range(1, REFERENCE_STEPS + 1))
     assert final_cursor(result) == cursor  # the same sequences, none twice
     records = [json.loads(line) for line in
                (tmp_path / "elastic" / "metrics" / "metrics.jsonl").read_text().splitlines()]
@@ -145,14 +141,15 @@ def test_s3_stopped_during_uploads_no_partial_checkpoint_is_loaded(dataset, s3_s
     its upload); the run resumes either way."""
     expected, cursor = one_worker
     storage = f"s3://{s3_server['bucket']}/runs"
-    two = ["parallel.num_workers=2", "parallel.ep_size=2", "train.checkpoint_every=1", *NO_RTS]
+    every_step = ["train.checkpoint_every=1", *NO_RTS]
     stopped: list[str] = []
     stopper = threading.Thread(target=_stop_mid_upload, args=(s3_server["server"], f"{storage}/cut",
                                                               stopped))
     stopper.start()
     try:
         with pytest.raises(StorageError) as failed:
-            train_on_ray(config(dataset, storage, "cut", "train.max_steps=40", *two))
+            train_on_ray(config(dataset, storage, "cut", "train.max_steps=40", "parallel.num_workers=2",
+                                   "parallel.ep_size=2", *every_step))
     finally:
         stopper.join()
         if stopped:
@@ -167,7 +164,7 @@ def test_s3_stopped_during_uploads_no_partial_checkpoint_is_loaded(dataset, s3_s
     latest = latest_checkpoint(f"{storage}/cut")
     assert latest is not None and latest >= f"{storage}/cut/step-00000002"
     resumed = train_on_ray(config(dataset, storage, "cut", f"train.max_steps={REFERENCE_STEPS}",
-                                  "parallel.num_workers=1", *two[2:]))  # another layout: one rank reads both
+                                  "parallel.num_workers=1", *every_step))  # one rank reads both ranks' parts
     assert resumed.error is None and resumed.metrics["step"] == REFERENCE_STEPS
     assert resumed.checkpoint.path.endswith(f"runs/cut/step-{REFERENCE_STEPS:08d}")  # Ray's view of S3
     records = s3_records(s3_server, "cut")
