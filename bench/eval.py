@@ -32,8 +32,9 @@ from raymoe.eval.runner import evaluate_checkpoint  # noqa: E402
 from raymoe.eval.scoring import Scorer  # noqa: E402
 from raymoe.eval.tasks import ChoiceExample, GenerationExample  # noqa: E402
 from raymoe.model import GPT  # noqa: E402
-from raymoe.parallel.checkpoint import save_checkpoint, step_directory  # noqa: E402
+from raymoe.parallel.checkpoint import save_checkpoint  # noqa: E402
 from raymoe.parallel.mesh import Mesh  # noqa: E402
+from raymoe.runs import step_directory  # noqa: E402
 
 EVAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval"
 

@@ -31,8 +31,9 @@ from raymoe.config import Config, load_config  # noqa: E402
 from raymoe.infer.group import GroupOptions, InferenceGroups  # noqa: E402
 from raymoe.model import GPT  # noqa: E402
 from raymoe.model.generation import Sampling  # noqa: E402
-from raymoe.parallel.checkpoint import save_checkpoint, step_directory  # noqa: E402
+from raymoe.parallel.checkpoint import save_checkpoint  # noqa: E402
 from raymoe.parallel.mesh import Mesh  # noqa: E402
+from raymoe.runs import step_directory  # noqa: E402
 
 BATCHES = (1, 8, 64)
 

@@ -16,7 +16,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -30,6 +29,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raymoe.config import Config, load_config  # noqa: E402
+from raymoe.local_cluster import free_port  # noqa: E402
 from raymoe.model import GPT  # noqa: E402
 from raymoe.parallel import Mesh  # noqa: E402
 from raymoe.parallel.shard import shard_model  # noqa: E402
@@ -116,12 +116,6 @@ def run(rank: int, port: int, args: argparse.Namespace, results) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=6)
@@ -132,7 +126,7 @@ def main() -> None:
     args = parser.parse_args()
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
-    port = _free_port()
+    port = free_port()
     procs = [ctx.Process(target=run, args=(r, port, args, results)) for r in range(WORLD)]
     for p in procs:
         p.start()

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from raymoe.local_cluster import free_port
 
 S3_KEY, S3_SECRET, S3_BUCKET = "raymoe-test-key", "raymoe-test-secret", "raymoe"
 REPO = Path(__file__).resolve().parents[1]
@@ -66,12 +67,6 @@ def skip_without_shared_data() -> None:
     """For fixtures, which marks do not reach."""
     if not SHARED_DATA.is_dir():
         pytest.skip(f"needs the shared data set ({SHARED_DATA}), which is not beside this clone")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _weed_binary() -> str:
@@ -222,7 +217,7 @@ def moe_runs(untrained_runs, tmp_path_factory) -> dict[int, Path]:
     from multiproc import run_distributed
     from sentence_models import resave_with_ep_2
 
-    from raymoe.parallel.checkpoint import read_manifest, step_directory
+    from raymoe.runs import read_manifest, step_directory
 
     ep2 = tmp_path_factory.mktemp("written-at-ep2")
     run_distributed(resave_with_ep_2, 2, ep2, str(untrained_runs[4]), str(ep2 / "run"))

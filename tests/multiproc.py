@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import os
-import socket
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from raymoe.local_cluster import free_port
 
 TIMEOUT = datetime.timedelta(seconds=20)  # a collective bug fails fast instead of hanging
 
@@ -24,12 +25,6 @@ spawned ranks each imported them again, which was most of these tests' time (the
 tests of test_expert_parallel, test_sharding and test_checkpoint took 110 s spawned, 48 s
 forked). The server is a fresh interpreter, not a fork of the test process and its Ray
 connection; each rank takes the test process's environment as it is at the run."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(rank: int, world_size: int, port: int, fn: Callable, out_dir: str, args: tuple,
@@ -49,6 +44,6 @@ def run_distributed(fn: Callable[..., Any], world_size: int, tmp_path: Path, *ar
     """fn(rank, world_size, *args) on each rank; returns the ranks' results in order."""
     out_dir = tmp_path / f"results-{fn.__name__}-{world_size}"
     out_dir.mkdir(parents=True, exist_ok=True)
-    mp.start_processes(_entry, args=(world_size, _free_port(), fn, str(out_dir), args, dict(os.environ)),
+    mp.start_processes(_entry, args=(world_size, free_port(), fn, str(out_dir), args, dict(os.environ)),
                        nprocs=world_size, start_method="forkserver")
     return [torch.load(out_dir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

@@ -12,13 +12,8 @@ from test_expert_parallel import build, global_batch, shards, tiny_config
 from raymoe.model import GPT
 from raymoe.parallel import Mesh
 from raymoe.parallel.build import build_model
-from raymoe.parallel.checkpoint import (
-    CheckpointError,
-    load_checkpoint,
-    save_checkpoint,
-    step_directory,
-)
-from raymoe.runs import find_checkpoint, latest_checkpoint, resumable
+from raymoe.parallel.checkpoint import load_checkpoint, save_checkpoint
+from raymoe.runs import CheckpointError, find_checkpoint, latest_checkpoint, resumable, step_directory
 from raymoe.train.optim import build_optimizer
 from raymoe.train.step import train_step
 

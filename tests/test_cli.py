@@ -12,7 +12,7 @@ from sentence_models import save_sentence_model, sentence_config
 from raymoe import cli
 from raymoe.config import load_config
 from raymoe.model import GPT
-from raymoe.parallel.checkpoint import CheckpointError
+from raymoe.runs import CheckpointError
 from raymoe.train.preflight import check_resume_fits
 
 
@@ -33,8 +33,9 @@ def test_debug_prints_the_traceback_of_a_user_error(capsys, monkeypatch):
 def test_a_bug_keeps_its_traceback_and_exits_1(tmp_path):
     """Anything that is not a RaymoeError is a bug: its traceback shows, exit status 1."""
     script = ("import sys; from raymoe import cli\n"
+              "from raymoe.commands import info\n"
               "def broken(args): raise ZeroDivisionError('a bug, not the user')\n"
-              "cli.cmd_info = broken\n"
+              "info.cmd_info = broken\n"
               "sys.exit(cli.main(['info', 'tiny']))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1
@@ -124,3 +125,25 @@ def test_a_controller_failure_of_ray_train_gives_up_the_error_it_holds():
 
     inner = OSError("When uploading part for key 'runs/cut/checkpoint_manager_snapshot.json'")
     assert find_cause(ControllerError(inner), OSError) is inner
+
+
+def test_compare_prints_what_a_gpu_study_will_cost_before_joining_a_cluster(tmp_path, no_joining, capsys):
+    import json
+
+    import yaml
+
+    from raymoe.data.shards import FORMAT, MANIFEST
+    from raymoe.study.plan import format_study_plan, plan_study
+    from raymoe.study.spec import load_study
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / MANIFEST).write_text(json.dumps({"format": FORMAT}))
+    for config, billed in (("gpt-350m", True), ("tiny", False)):
+        study = tmp_path / f"{config}.yaml"
+        study.write_text(yaml.safe_dump({"name": "s", "storage": str(tmp_path), "data": str(data),
+                                         "tokens": 10**9, "models": [{"name": "m", "config": config}]}))
+        with pytest.raises(AssertionError, match="joined a cluster"):
+            cli.main(["compare", str(study), "--address", "127.0.0.1:9"])
+        summary = format_study_plan(plan_study(load_study(str(study)))) + "\n"
+        assert capsys.readouterr().out == (summary if billed else "")  # a CPU study rents no GPUs

@@ -16,8 +16,9 @@ from raymoe.eval.export import MOE_FORMAT, load_moe_export, read_safetensors
 from raymoe.eval.loading import inference_config, load_model
 from raymoe.eval.scoring import Scorer
 from raymoe.model import GPT
-from raymoe.parallel.checkpoint import save_checkpoint, step_directory
+from raymoe.parallel.checkpoint import save_checkpoint
 from raymoe.parallel.mesh import Mesh
+from raymoe.runs import step_directory
 
 
 def _logits(model, ids: torch.Tensor, vocab: int) -> torch.Tensor:
@@ -77,8 +78,8 @@ TEXTS = [("alice keeps a", " red kite"), ("bob drives", " a green truck"), ("eri
 
 def _score_and_resave_with_ep_2(rank: int, world: int, source: str, target: str) -> list[float]:
     from raymoe.data.tokenizers import ByteTokenizer
-    from raymoe.parallel.checkpoint import load_checkpoint, read_manifest
-    from raymoe.runs import latest_checkpoint
+    from raymoe.parallel.checkpoint import load_checkpoint
+    from raymoe.runs import latest_checkpoint, read_manifest
 
     directory = latest_checkpoint(source)
     extra = read_manifest(directory)["extra"]

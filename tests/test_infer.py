@@ -15,13 +15,14 @@ from sentence_models import SENTENCES
 from test_eval import sentence_tasks  # noqa: F401  (a fixture)
 
 from raymoe import cli
+from raymoe.commands import checkpoints
 from raymoe.eval import harness
 from raymoe.eval.harness import EvalOptions, evaluate
 from raymoe.eval.loading import load_model
 from raymoe.eval.runner import evaluate_checkpoint
 from raymoe.infer.group import GroupOptions, InferenceGroups
-from raymoe.infer.worker import resident_bytes
 from raymoe.model.generation import Sampling, generate
+from raymoe.model.resident import resident_bytes
 from raymoe.runs import checkpoint_manifest
 from raymoe.train.capacity import ClusterTooSmallError
 
@@ -69,7 +70,7 @@ def test_an_ep_group_gives_the_numbers_and_tokens_of_one_process(
     ("dense", 2, "--ep 2: .* is a dense model, it has no experts to spread")])
 def test_a_bad_ep_size_is_refused_before_ray_starts(untrained_runs, sentence_tasks, monkeypatch,  # noqa: F811
                                                     capsys, command, ep, message):
-    monkeypatch.setattr(cli, "connect_ray", lambda *a, **k: pytest.fail("Ray was started"))
+    monkeypatch.setattr(checkpoints, "connect_ray", lambda *a, **k: pytest.fail("Ray was started"))
     run = str(untrained_runs[0 if command == "dense" else 4])
     argv = (["generate", run, "alice"] if command == "generate" else
             ["eval", run, "--task-file", f"lambada={sentence_tasks['lambada']}", "--tasks", "lambada"])

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 from raymoe.eval.metrics import (
     MetricResult,
@@ -31,9 +31,7 @@ from raymoe.eval.tasks import (
     task_file,
 )
 from raymoe.model.precision import autocast
-
-if TYPE_CHECKING:
-    from raymoe.infer.worker import ResidentBytes
+from raymoe.model.resident import ResidentBytes
 
 CHUNK = 32
 """Examples per unit of work: what one Ray worker scores at a time, and the progress step."""

@@ -11,9 +11,9 @@ import torch
 from raymoe.config import Config, config_from_dict
 from raymoe.data.tokenizers import Tokenizer
 from raymoe.model import GPT
-from raymoe.parallel.checkpoint import CheckpointError, CheckpointSource
+from raymoe.parallel.checkpoint import CheckpointSource
 from raymoe.parallel.mesh import Mesh
-from raymoe.runs import checkpoint_tokenizer, find_checkpoint
+from raymoe.runs import CheckpointError, checkpoint_tokenizer, find_checkpoint
 
 
 @dataclass

@@ -15,8 +15,9 @@ from raymoe.config import config_from_dict
 from raymoe.errors import RaymoeError, root_cause
 from raymoe.eval.harness import Chunk, ChunkScorer, EvalOptions
 from raymoe.eval.scoring import Score, TokenPair
-from raymoe.infer.worker import InferenceWorker, ResidentBytes
+from raymoe.infer.worker import InferenceWorker
 from raymoe.model.generation import Sampling
+from raymoe.model.resident import ResidentBytes
 
 
 class InferenceSetupError(RaymoeError, ValueError):

@@ -15,7 +15,6 @@ import dataclasses
 import datetime
 import os
 import socket
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,36 +25,12 @@ from raymoe.eval.loading import LoadedModel, load_model
 from raymoe.eval.scoring import Score, ScoringModel, TokenPair
 from raymoe.model.generation import Sampling, generate
 from raymoe.model.gpt import GPT, GPTOutput
-from raymoe.model.moe import is_expert_parameter
 from raymoe.model.precision import autocast
+from raymoe.model.resident import ResidentBytes, resident_bytes
 from raymoe.parallel.mesh import Mesh
 
 TIMEOUT = datetime.timedelta(minutes=10)
 """A rank that died leaves the others waiting in a collective for this long at most."""
-
-
-@dataclass(frozen=True)
-class ResidentBytes:
-    """The parameter bytes one rank holds, and the checkpoint bytes it read to load them."""
-
-    dense: int
-    experts: int
-    read: int = 0
-
-    @property
-    def total(self) -> int:
-        return self.dense + self.experts
-
-
-def resident_bytes(model: torch.nn.Module) -> ResidentBytes:
-    dense = experts = 0
-    for name, param in model.named_parameters():
-        size = param.numel() * param.element_size()
-        if is_expert_parameter(name):
-            experts += size
-        else:
-            dense += size
-    return ResidentBytes(dense, experts)
 
 
 class AgreedLogits:

@@ -5,7 +5,7 @@ A checkpoint is a directory:
                             the slices it holds (replicated slices once, by one rank)
   rank-NNNNN.pt             optional per-rank state (RNG), restored at the same world size
   manifest.json             written last, by rank 0: the settings, and the name and size
-                            of every other file
+                            of every other file (format and names: raymoe.runs)
 
 Every tensor is addressed by its GLOBAL shape: a dense parameter whole, an expert
 parameter as one [num_experts, ...] tensor of which a rank holds the block of its EP rank
@@ -17,9 +17,8 @@ cannot).
 
 Ranks may write their files into directories of their own that are uploaded one by one
 (Ray Train's background upload): the manifest can then be in storage before another
-rank's file. A checkpoint is complete when its manifest is there and every file it lists
-is there with its size (one listing); anything less (a crash mid-save, an upload that
-failed or is still running) is not a checkpoint. Loading reads where the checkpoint lies
+rank's file; raymoe.runs tells a complete checkpoint from a partial one and finds the one
+to load. Loading reads where the checkpoint lies
 (raymoe.parallel.checkpoint_reader): each rank only the items its layout needs.
 """
 
@@ -42,30 +41,18 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from raymoe.data.storage import Location, locate
-from raymoe.errors import RaymoeError
 from raymoe.model.moe import MoELayer, is_expert_parameter
 from raymoe.parallel.checkpoint_reader import ByteCount, RangedReader
 from raymoe.parallel.mesh import Mesh
 from raymoe.parallel.shard import is_sharded
+from raymoe.runs import FORMAT, MANIFEST, CheckpointError, read_manifest
 
-FORMAT = "raymoe-checkpoint/3"
-"""/3: the manifest lists every file with its size."""
-MANIFEST = "manifest.json"
-STEP_DIR = re.compile(r"^step-(\d+)$")
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
 """The optimizer's per-group settings a checkpoint restores (not device choices like fused)."""
 # DCP warns on every one-process save and load, even when told so with no_dist=True (as
 # raymoe does exactly when it means one process): a healthy eval would print it per worker.
 warnings.filterwarnings("ignore", "torch.distributed is disabled, unavailable or uninitialized",
                         UserWarning)
-
-
-class CheckpointError(RaymoeError, RuntimeError):
-    """A checkpoint is missing, incomplete, or of another model."""
-
-
-def step_directory(root: str | Path, step: int) -> Path:
-    return Path(root) / f"step-{step:08d}"
 
 
 def _rank_file(rank: int) -> str:
@@ -219,42 +206,6 @@ def mib(n: float) -> str:
 # ---------------------------------------------------------------------------- load
 
 
-def read_manifest(directory: str | Path, count: ByteCount | None = None) -> dict[str, Any]:
-    """The format-checked manifest of a checkpoint, read where it lies (a local directory
-    or an s3:// URI: raymoe.runs finds checkpoints through it without downloading them)."""
-    path = locate(str(directory)).join(MANIFEST)
-    if not path.exists():
-        raise CheckpointError(f"{directory}: no {MANIFEST}; the checkpoint is incomplete "
-                              "(a save that did not finish) or not a raymoe checkpoint")
-    data = path.read_bytes()
-    manifest = json.loads(count.add(data) if count else data)
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path.uri}: format {manifest.get('format')!r}, expected {FORMAT!r}")
-    if not isinstance(manifest.get("files"), dict):
-        raise CheckpointError(f"{path.uri}: lists no files (not written by raymoe's save_checkpoint)")
-    return manifest
-
-
-def missing_files(directory: str | Path) -> str | None:
-    """Why the checkpoint in ``directory`` is not complete, or None when it is: its
-    manifest and every file the manifest lists, with that size (one listing and the
-    manifest's read)."""
-    root = locate(str(directory))
-    present = root.file_sizes()
-    if MANIFEST not in present:
-        return f"no {MANIFEST}"
-    listed = read_manifest(root.uri)["files"]
-    gone = [name for name in listed if name not in present]
-    short = [f"{name} ({present[name]} of {size} bytes)" for name, size in listed.items()
-             if name in present and present[name] != size]
-    problems = []
-    if gone:
-        problems.append(f"missing {', '.join(gone[:5])}" + (f" and {len(gone) - 5} more" if len(gone) > 5 else ""))
-    if short:
-        problems.append(f"incomplete {', '.join(short[:5])}")
-    return "; ".join(problems) or None
-
-
 class CheckpointSource:
     """One checkpoint, read where it lies (local directory or s3:// URI): its manifest,
     DCP's index, then only the items and the rank file this process needs.
@@ -263,7 +214,7 @@ class CheckpointSource:
     def __init__(self, directory: str | Path):
         self.location: Location = locate(str(directory))
         self.count = ByteCount()
-        self.manifest = read_manifest(self.location.uri, self.count)
+        self.manifest = read_manifest(self.location.uri, self.count.add)
 
     @property
     def bytes_read(self) -> int:

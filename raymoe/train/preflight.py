@@ -9,7 +9,7 @@ from typing import Any
 from raymoe.config import Config
 from raymoe.data.blend import Blend, open_blend
 from raymoe.data.shards import DatasetError
-from raymoe.parallel.checkpoint import CheckpointError
+from raymoe.runs import CheckpointError, checkpoint_manifest
 
 MODEL_SHAPE_KEYS = ("vocab_size", "pad_vocab_to", "seq_len", "n_layer", "d_model", "n_head", "ffn_mult")
 MOE_SHAPE_KEYS = ("num_experts", "every")
@@ -44,8 +44,6 @@ def shape_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
 def check_resume_fits(cfg: Config, run_uri: str) -> None:
     """The run's latest checkpoint (if any), whose manifest is read where it lies, holds
     a model of the config's shape."""
-    from raymoe.runs import checkpoint_manifest
-
     try:
         manifest = checkpoint_manifest(run_uri)
     except CheckpointError:

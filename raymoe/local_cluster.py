@@ -1,10 +1,12 @@
 """A multi-node Ray cluster on this machine, shaped like the shipped cluster YAML: a head
 that offers no CPU (`ray start --head --num-cpus=0`) with token authentication, and
 worker nodes that join it (`ray start --address`), each with its own resources, ports and
-temp dir. Every raymoe process of a test is a subprocess (the CLI, or a Ray job), so the
-test process never joins this cluster and the session's other Ray cluster is untouched.
-Stopped by ending exactly its own processes (a plain `ray stop` would end every cluster
-on the machine)."""
+temp dir; a node is lost as a spot node is, by killing its raylet. The multi-node tests
+and bench/elastic.py run on it.
+
+The caller never joins this cluster: it runs raymoe as subprocesses (the CLI, or Ray
+jobs), so any other Ray cluster of the caller's is untouched. Stopped by ending exactly
+its own processes (a plain `ray stop` would end every cluster on the machine)."""
 
 from __future__ import annotations
 
@@ -12,6 +14,7 @@ import contextlib
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -20,9 +23,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
-from conftest import REPO, free_port
 
 BIN = Path(sys.executable).parent
+"""Where this environment's `ray` and `raymoe` commands are."""
+PACKAGE_PARENT = Path(__file__).resolve().parents[1]
+"""The directory holding this raymoe package (a checkout's root): on the cluster's
+PYTHONPATH, so that its nodes run this raymoe."""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _own_ports() -> list[str]:
@@ -34,6 +46,7 @@ def _own_ports() -> list[str]:
 @dataclass
 class MultiNodeCluster:
     root: Path
+    """The parent of every node's temp dir: a short path (Ray's socket paths have a length limit)."""
     token: str = field(default_factory=lambda: secrets.token_hex(16))
     port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
@@ -50,10 +63,11 @@ class MultiNodeCluster:
 
     def env(self, **extra: str) -> dict[str, str]:
         """The environment of every process of this cluster and of its clients: the token,
-        the S3 variables (set by the s3_server fixture), this venv first on PATH."""
+        this process's environment (S3 variables included), this environment's commands
+        first on PATH."""
         env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=self.token,
                    PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-                   RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1", PYTHONPATH=str(REPO),
+                   RAY_TRAIN_HEALTH_CHECK_INTERVAL_S="0.1", PYTHONPATH=str(PACKAGE_PARENT),
                    # a loaded 2-core machine starts a node's agents slowly
                    RAY_agent_register_timeout_ms="120000",
                    # the head checks each node every second (not 3): a killed raylet refuses
@@ -76,8 +90,8 @@ class MultiNodeCluster:
             if started.returncode == 0:
                 return
             self._kill(directory)
-        raise AssertionError(f"ray start {' '.join(args)}:\n{started.stdout[-3000:]}\n"
-                             f"{started.stderr[-3000:]}")
+        raise RuntimeError(f"ray start {' '.join(args)}:\n{started.stdout[-3000:]}\n"
+                           f"{started.stderr[-3000:]}")
 
     def start_head(self) -> None:
         def arguments() -> list[str]:
@@ -107,7 +121,7 @@ class MultiNodeCluster:
             if "raylet" in (proc.info["name"] or "") and f"{directory}-" in line:
                 os.kill(proc.info["pid"], signal.SIGKILL)
                 return proc.info["pid"]
-        raise AssertionError(f"no raylet of {directory} is running")
+        raise RuntimeError(f"no raylet of {directory} is running")
 
     def raymoe(self, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
         """The raymoe command, run from ``cwd``, its output captured."""
@@ -125,9 +139,10 @@ class MultiNodeCluster:
                     os.kill(proc.info["pid"], signal.SIGKILL)
 
 
-def wait_until(predicate, timeout: float, what: str, poll: float = 1.0) -> None:
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, poll: float = 1.0) -> None:
+    """Poll ``predicate`` until it is true; TimeoutError after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while not predicate():
         if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+            raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
         time.sleep(poll)

@@ -1,0 +1,39 @@
+"""`raymoe compare`: the dense-versus-MoE study (Ray Tune) and its report."""
+
+from __future__ import annotations
+
+import argparse
+
+from raymoe.commands import Subcommands
+from raymoe.commands.train import add_wait_options
+from raymoe.console import connect_ray
+
+
+def cmd_compare(args: argparse.Namespace) -> None:
+    from raymoe.data.shards import PreparedDataset
+    from raymoe.study.plan import format_study_plan, plan_study, trial_configs
+    from raymoe.study.run import run_study
+    from raymoe.study.spec import load_study
+
+    study = load_study(args.study)
+    PreparedDataset.open(study.data)  # before Ray: a missing dataset is one line, not a failed trial each
+    if any(cfg.parallel.use_gpu for cfg in trial_configs(study).values()):  # the bill, before paying it
+        print(format_study_plan(plan_study(study)), flush=True)
+    connect_ray(args.address, num_cpus=4)
+    report = run_study(study, wait=args.wait, timeout=args.timeout)
+    print(report.table())
+    for line in report.comparisons:
+        print(line)
+    if report.eval_tasks:
+        print(report.table1())
+        for line in report.eval_failures:
+            print(line)
+    print(f"report, plot and CSV in {study.uri}")
+
+
+def add_commands(sub: Subcommands) -> None:
+    compare = sub.add_parser("compare", help="the dense-versus-MoE study (Ray Tune) and its report")
+    compare.add_argument("study", help="study YAML, e.g. jobs/configs/study-tiny.yaml")
+    compare.add_argument("--address", default=None, help="Ray cluster address (default: local)")
+    add_wait_options(compare)
+    compare.set_defaults(func=cmd_compare)
