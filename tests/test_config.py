@@ -14,7 +14,13 @@ def test_reference_presets_have_the_paper_shapes_and_recipe():
     assert cfg.optim.lr == 1.2e-4 and cfg.optim.betas == (0.9, 0.95)
     assert cfg.train.global_batch == 512 and cfg.optim.warmup_tokens == 375_000_000
     assert load_config("gpt-6.7b").model.init_std == 0.01
-    assert load_config("gpt-350m").train.total_tokens == 260_000_000_000
+    # every model trains 300B tokens; a dense one decays its LR over 260B to 10%, a MoE one over 300B to 1%
+    for name in PRESETS:
+        if name.startswith("gpt-"):
+            cfg = load_config(name)
+            dense = not cfg.model.moe.enabled
+            assert cfg.train.total_tokens == 300_000_000_000
+            assert (cfg.optim.decay_tokens, cfg.optim.min_lr_ratio) == ((260e9, 0.1) if dense else (300e9, 0.01))
 
 
 def test_every_preset_validates():
@@ -76,8 +82,15 @@ def test_shipped_studies_load(monkeypatch):
     for path in sorted((repo / "jobs" / "configs").glob("study-*.yaml")):
         study = load_study(str(path))
         for trial in study.trials():
-            load_config(trial["config"], trial["overrides"])
+            cfg = load_config(trial["config"], trial["overrides"])
+            # each model at the study's budget, its LR decaying over the share its own config does
+            own = load_config(trial["config"])
+            assert cfg.train.total_tokens == study.tokens
+            assert cfg.optim.decay_tokens == round(study.tokens * own.optim.decay_tokens / own.train.total_tokens)
         assert study.eval is not None and study.eval.options.tasks
+    reference = load_study(str(repo / "jobs" / "configs" / "study-reference.yaml"))
+    decays = {t["model"]: load_config(t["config"], t["overrides"]).optim.decay_tokens for t in reference.trials()}
+    assert decays["gpt-6.7b"] == 260_000_000_000 and decays["gpt-1.3b-moe128"] == 300_000_000_000
     from raymoe.eval.harness import plan
 
     tasks, chunks = plan(load_study(str(repo / "jobs" / "configs" / "study-tiny.yaml")).eval.options)

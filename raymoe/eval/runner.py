@@ -86,19 +86,19 @@ class EvalCapacityError(RaymoeError, RuntimeError):
 
 
 def inference_bytes(manifest: dict[str, Any], ep: int = 1) -> int:
-    """Memory one process needs to evaluate a checkpoint holding 1/``ep`` of its experts:
-    that part of the model in fp32 twice over (the model, and the checkpoint's tensors being
-    copied into it)."""
+    """Memory one process needs to evaluate a checkpoint holding 1/``ep`` of its experts
+    (raymoe.plan.evaluation.inference_bytes of the checkpoint's model)."""
     from raymoe.config import config_from_dict
     from raymoe.model import GPT
     from raymoe.model.moe import is_expert_parameter
+    from raymoe.plan.evaluation import inference_bytes as bytes_of
 
     with torch.device("meta"):
         model = GPT(config_from_dict(manifest["extra"]["config"]).model)
     counts = {True: 0, False: 0}
     for name, param in model.named_parameters():
         counts[is_expert_parameter(name)] += param.numel()
-    return 2 * 4 * (counts[False] + counts[True] // ep)
+    return bytes_of(counts[False], counts[True], ep)
 
 
 def _nodes_with_cpus() -> list[dict[str, Any]]:
@@ -128,12 +128,12 @@ def expert_parallel_size(manifest: dict[str, Any], node_memory: list[int]) -> in
     model, else the smallest that divides the expert count and whose ranks (the dense
     part and 1/EP of the experts each) fit on the nodes, one rank per node at least."""
     from raymoe.config import config_from_dict
+    from raymoe.plan.evaluation import smallest_expert_parallel_size
 
     experts = config_from_dict(manifest["extra"]["config"]).model.moe.num_experts
-    for ep in [1] + [e for e in range(2, experts + 1) if experts % e == 0]:
-        need = inference_bytes(manifest, ep)
-        if sum(memory // need for memory in node_memory) >= ep:
-            return ep
+    ep = smallest_expert_parallel_size(experts, lambda size: inference_bytes(manifest, size), node_memory)
+    if ep is not None:
+        return ep
     raise EvalCapacityError(
         f"{manifest['uri']}: no expert-parallel size fits this cluster: even at EP "
         f"{max(experts, 1)} a rank needs about {inference_bytes(manifest, max(experts, 1)) / 2**30:.1f} "

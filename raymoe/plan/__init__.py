@@ -12,6 +12,8 @@ assumptions listed in ``TimeEstimate.assumptions``.
   memory.py    per-rank memory by term and by phase of the step
   timing.py    step time, tokens/s, MFU, all-to-all and gradient-sync time
   cost.py      dollars per run and per billion tokens at the cluster YAML's instance
+               (and at spot when its nodes may be spot)
+  evaluation.py  where a study's trained model is evaluated and for how long (CPUs)
   here         the plan: verdict, the smallest change that fits, the table, the GPU check
 """
 
@@ -32,7 +34,7 @@ __all__ = [
     "CLUSTER_YAML", "GB", "HARDWARE", "CostEstimate", "DoesNotFitError", "Hardware", "MemoryEstimate",
     "Plan", "PlanError", "Shape", "TimeEstimate", "check_fits", "cluster_instance", "cpu_hardware",
     "device_hardware", "estimate_cost", "estimate_memory", "estimate_time", "flops_per_token",
-    "format_plan", "hardware", "make_plan", "model_shape", "smallest_fix", "verdict",
+    "fix_text", "format_plan", "hardware", "make_plan", "model_shape", "smallest_fix", "verdict",
 ]
 
 def _fix_candidates(cfg: Config) -> list[list[str]]:
@@ -106,6 +108,12 @@ def verdict(memory: MemoryEstimate) -> str:
             f"{memory.short_by / GB:.1f} GB more than the {hw.memory / GB:.1f} GB of one {hw.name}")
 
 
+def fix_text(plan: Plan) -> str:
+    """The smallest change that makes the plan's config fit, as overrides."""
+    return (" ".join(plan.fix) if plan.fix else
+            "none of checkpointing, sharding and a smaller micro-batch; use GPUs with more memory")
+
+
 def format_plan(plan: Plan) -> str:
     cfg, mem, t, cost = plan.cfg, plan.memory, plan.time, plan.cost
     m, par, train = cfg.model, cfg.parallel, cfg.train
@@ -120,9 +128,7 @@ def format_plan(plan: Plan) -> str:
               "",
               verdict(mem)]
     if not plan.fits:
-        lines.append("smallest change that fits: " + (
-            " ".join(plan.fix) if plan.fix else
-            "none of checkpointing, sharding and a smaller micro-batch; use GPUs with more memory"))
+        lines.append(f"smallest change that fits: {fix_text(plan)}")
     lines += ["",
               f"step time      {t.step_seconds:8.3f} s  (compute {t.compute_seconds:.3f} s, all-to-all "
               f"{t.all_to_all_seconds:.3f} s, gradient sync {t.grad_sync_seconds:.3f} s of which "

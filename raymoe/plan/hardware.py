@@ -35,6 +35,10 @@ class Hardware:
     """Bytes/s a node sends to other nodes (all its NICs together), one direction."""
     instance: str = ""
     """The cloud instance that carries 8 of these GPUs (for the price)."""
+    host_cpus: int = 0
+    """vCPUs of that instance (a study's evaluation scores on them)."""
+    host_memory: float = 0.0
+    """Bytes of that instance's RAM."""
 
     @property
     def is_gpu(self) -> bool:
@@ -45,15 +49,19 @@ _EFA_P4D = 4 * 100e9 / 8  # p4d/p4de: 4 x 100 Gb/s EFA
 _EFA_P5 = 32 * 100e9 / 8  # p5/p5en: 32 x 100 Gb/s EFA
 _MiB = 2**20
 
+_GiB = 2**30
+_P4D_HOST = {"host_cpus": 96, "host_memory": 1152 * _GiB}  # p4d/p4de: 96 vCPUs, 1152 GiB
+_P5_HOST = {"host_cpus": 192, "host_memory": 2048 * _GiB}  # p5/p5en: 192 vCPUs, 2048 GiB
+
 HARDWARE: dict[str, Hardware] = {
     "a100-40gb": Hardware("a100-40gb", 40_536 * _MiB, 312e12, 2, True, 2.5 * GB, 1.555e12, 8,
-                          300e9, _EFA_P4D, "p4d.24xlarge"),
+                          300e9, _EFA_P4D, "p4d.24xlarge", **_P4D_HOST),
     "a100-80gb": Hardware("a100-80gb", 81_050 * _MiB, 312e12, 2, True, 2.5 * GB, 2.039e12, 8,
-                          300e9, _EFA_P4D, "p4de.24xlarge"),
+                          300e9, _EFA_P4D, "p4de.24xlarge", **_P4D_HOST),
     "h100-80gb": Hardware("h100-80gb", 81_008 * _MiB, 989e12, 2, True, 2.5 * GB, 3.35e12, 8,
-                          450e9, _EFA_P5, "p5.48xlarge"),
+                          450e9, _EFA_P5, "p5.48xlarge", **_P5_HOST),
     "h200-141gb": Hardware("h200-141gb", 143_156 * _MiB, 989e12, 2, True, 2.5 * GB, 4.8e12, 8,
-                           450e9, _EFA_P5, "p5en.48xlarge"),
+                           450e9, _EFA_P5, "p5en.48xlarge", **_P5_HOST),
 }
 """The GPUs `raymoe plan --gpu` knows; ``cpu_hardware()`` adds the CPU profile."""
 

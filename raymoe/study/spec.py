@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from raymoe.config import ConfigError
+from raymoe.config import ConfigError, load_config
 from raymoe.data.storage import locate
 from raymoe.eval.harness import EvalOptions
 from raymoe.runs import absolute
@@ -74,9 +74,29 @@ class Study:
                                f"train.storage={self.storage}",
                                f"train.run_name={self.name}/{m.name}-seed{seed}",
                                f"train.total_tokens={self.tokens}", f"train.seed={seed}",
-                               f"optim.decay_tokens={self.tokens}",
+                               f"optim.decay_tokens={self.decay_tokens(m)}",
                                "train.max_steps=0"]}
                 for m in self.models for seed in self.seeds]
+
+    def decay_tokens(self, model: ModelSpec) -> int:
+        """Every model trains the study's tokens; its learning rate decays over the share of
+        them that its own config decays over (the dense presets: 260B of 300B, as the
+        reference scripts; the MoE presets: all of them)."""
+        cfg = load_config(model.config, [*self.overrides, *model.overrides])
+        return round(self.tokens * cfg.optim.decay_tokens / cfg.train.total_tokens)
+
+
+def is_study(source: str) -> bool:
+    """Whether ``source`` is a study YAML (a mapping with `models`) rather than a preset or a
+    model's config."""
+    path = Path(source)
+    if not path.is_file():
+        return False
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError):
+        return False  # not a study; load_config names what is wrong
+    return isinstance(raw, dict) and "models" in raw
 
 
 def load_study(path: str) -> Study:
