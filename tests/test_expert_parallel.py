@@ -1,10 +1,14 @@
 """Data + expert parallelism on real gloo process groups: an N-rank step equals the
 1-process step on the same global batch, at every EP size, with and without dropping;
 with dropping, the fixed-capacity exchange gives the same step as the variable one; and
-the host syncs of a step through the real exchange stay at one per step and micro-batch
-(plus one per MoE layer without dropping)."""
+the host syncs of a step through the real exchange stay at one per step (plus one per
+MoE layer and micro-batch without dropping). Activation checkpointing recomputes a block
+without exchanging its rows again: the same exchanges per micro-batch, the same gradients."""
 
 from __future__ import annotations
+
+from collections import Counter
+from unittest import mock
 
 import pytest
 import torch
@@ -12,8 +16,10 @@ from multiproc import run_distributed
 
 from raymoe.config import load_config
 from raymoe.host_syncs import count_host_syncs
-from raymoe.model import GPT
+from raymoe.model import GPT, LocalExchange
+from raymoe.model.exchange_tape import keep_exchanges, taped
 from raymoe.parallel import Mesh, MeshLayout
+from raymoe.parallel.exchange import ProcessGroupExchange
 from raymoe.train.optim import build_optimizer
 from raymoe.train.step import train_step
 
@@ -23,8 +29,9 @@ GLOBAL_BATCH = 8  # sequences, split evenly over the ranks
 MOE_LAYERS = 2
 
 
-def tiny_config(drop_tokens: bool, fixed_exchange: bool = True):
+def tiny_config(drop_tokens: bool, fixed_exchange: bool = True, checkpointing: bool = False):
     return load_config("tiny-moe8", [
+        f"model.activation_checkpointing={str(checkpointing).lower()}",
         "model.seq_len=16", f"model.n_layer={MOE_LAYERS}", "model.d_model=32", "model.moe.every=1",
         "model.moe.use_rts=false", f"model.moe.drop_tokens={str(drop_tokens).lower()}",
         f"model.moe.fixed_capacity_exchange={str(fixed_exchange).lower()}",
@@ -102,12 +109,12 @@ def assert_fixed_exchange_equals_variable(results: list[dict], ep: int) -> None:
 
 
 def assert_syncs(results: list[dict], ep: int) -> None:
-    """One micro-batch: the step's read and the token-id check, plus one read of the
-    exchanged counts per MoE layer where the exchange needs them."""
+    """One micro-batch: the step's read, plus one read of the exchanged counts per MoE
+    layer where the exchange needs them."""
     for rank_result in results:
-        assert rank_result[(ep, True)]["syncs"] == 2
-        assert rank_result[(ep, False)]["syncs"] == 2 + MOE_LAYERS
-        assert rank_result[(ep, "variable")]["syncs"] == 2 + MOE_LAYERS
+        assert rank_result[(ep, True)]["syncs"] == 1
+        assert rank_result[(ep, False)]["syncs"] == 1 + MOE_LAYERS
+        assert rank_result[(ep, "variable")]["syncs"] == 1 + MOE_LAYERS
 
 
 def test_world_2_with_ep_2_and_ep_1_equals_one_process(tmp_path):
@@ -127,6 +134,91 @@ def test_world_4_with_ep_2_and_ep_4_equals_one_process(tmp_path):
             assert_matches_reference(results, ep, drop)
         assert_fixed_exchange_equals_variable(results, ep)
         assert_syncs(results, ep)
+
+
+def counting(calls: Counter, method: str):
+    """``ProcessGroupExchange.<method>``, counting its calls in ``calls``."""
+    original = getattr(ProcessGroupExchange, method)
+
+    def counted(self, *args):
+        calls[method] += 1
+        return original(self, *args)
+    return mock.patch.object(ProcessGroupExchange, method, counted)
+
+
+def checkpointing_worker(rank: int, world: int) -> dict:
+    """At EP 2, per (fixed exchange, checkpointing) and backward pass (the second through
+    the retained graph): the row and count exchanges since the forward, and the gradients."""
+    calls: Counter = Counter()
+    results = {}
+    with counting(calls, "exchange_rows"), counting(calls, "exchange_counts"):
+        for fixed in (True, False):
+            for checkpointing in (False, True):
+                cfg = tiny_config(True, fixed, checkpointing)
+                model, _ = build(cfg, Mesh(world))
+                calls.clear()
+                inputs, targets = shards(global_batch(cfg, 1), world)[rank]
+                loss = model(inputs, targets).loss
+                for again in (False, True):
+                    loss.backward(retain_graph=not again)
+                    results[fixed, checkpointing, again] = {
+                        "exchanges": dict(calls),
+                        "grads": {n: p.grad.clone() for n, p in model.named_parameters()}}
+    return results
+
+
+def test_checkpointing_repeats_no_exchange_and_keeps_the_gradients(tmp_path):
+    results = run_distributed(checkpointing_worker, 2, tmp_path)
+    for rank_result in results:
+        for fixed in (True, False):
+            # dispatch and combine forward, their gradients back; the variable path's counts once
+            once = {"exchange_rows": 4 * MOE_LAYERS} | ({} if fixed else {"exchange_counts": MOE_LAYERS})
+            assert rank_result[fixed, False, False]["exchanges"] == once
+            assert rank_result[fixed, True, False]["exchanges"] == once, fixed
+            # a second backward finds the tape spent: its recomputation exchanges again
+            again = rank_result[fixed, True, True]["exchanges"]
+            assert again == {name: 2 * count for name, count in once.items()}, fixed
+            for backward_again in (False, True):
+                plain, checkpointed = (rank_result[fixed, checkpointing, backward_again]["grads"]
+                                       for checkpointing in (False, True))
+                for name, grad in plain.items():
+                    assert torch.allclose(checkpointed[name], grad, rtol=0, atol=1e-6), (fixed, backward_again, name)
+
+
+class FlipExchange:
+    """Two ranks in one process: the rows come back in reverse order, a permutation whose
+    gradient goes back by the same flip. Counts its row exchanges."""
+
+    ep_size, ep_rank = 2, 0
+
+    def __init__(self):
+        self.calls = 0
+
+    def all_to_all(self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        self.calls += 1
+        return x.flip(0)
+
+
+def test_a_replayed_exchange_returns_the_recorded_rows_and_sends_gradients_back():
+    exchange = FlipExchange()
+    assert taped(exchange) is exchange  # outside a checkpointed region
+    recording, replaying = keep_exchanges()
+    with recording:
+        local = LocalExchange()
+        assert taped(local) is local  # nothing to keep within one process
+        x = torch.randn(4, 3, requires_grad=True)
+        live = taped(exchange).all_to_all(x * 2, [2, 2], [2, 2])
+    with replaying:
+        replayed = taped(exchange).all_to_all(x * 2, [2, 2], [2, 2])
+    assert exchange.calls == 1 and torch.equal(replayed, live)
+    weights = torch.randn(4, 3)
+    grad_live, = torch.autograd.grad((live * weights).sum(), x)
+    grad_replayed, = torch.autograd.grad((replayed * weights).sum(), x)
+    assert torch.equal(grad_replayed, grad_live)
+    assert exchange.calls == 2  # the replayed rows' gradient went back through the exchange
+    with replaying:  # the tape is spent: exchanged live
+        assert torch.equal(taped(exchange).all_to_all(x, [2, 2], [2, 2]), x.flip(0))
+    assert exchange.calls == 3
 
 
 def test_mesh_layout_groups():

@@ -130,8 +130,9 @@ def assert_uneven_experts_initialised_as_one_process(results: list[dict]) -> Non
 
 
 def test_sharded_step_with_activation_checkpointing_equals_one_process_at_world_2(tmp_path):
-    results = run_distributed(sharded_steps_worker, 2, tmp_path, [1], True, False)
-    assert_sharded_matches_reference(results, 1, sync_every=False)
+    results = run_distributed(sharded_steps_worker, 2, tmp_path, [1, 2], True, False)
+    for ep in (1, 2):
+        assert_sharded_matches_reference(results, ep, sync_every=False)
     assert_uneven_experts_initialised_as_one_process(results)
 
 

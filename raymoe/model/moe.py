@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from raymoe.config import MoEConfig
 from raymoe.model.dispatch import ExpertExchange, LocalExchange, dispatch_fixed, dispatch_variable
+from raymoe.model.exchange_tape import taped
 from raymoe.model.gating import (
     GateOutput,
     expert_capacity,
@@ -231,7 +232,7 @@ class MoELayer(nn.Module):
         gate = self.gate(logits)
         fixed = gate.capacity is not None and self.cfg.fixed_capacity_exchange
         dispatch = dispatch_fixed if fixed else dispatch_variable
-        y, capacity = dispatch(tokens, gate, self.exchange, self.experts, self.num_experts,
+        y, capacity = dispatch(tokens, gate, taped(self.exchange), self.experts, self.num_experts,
                                _compute_dtype(x))
         stats = MoEStats(
             l_aux=gate.l_aux,

@@ -26,7 +26,8 @@ class MemoryEstimate:
     """Saved for backward at the micro-batch, plus the backward's working set."""
     moe_dispatch: float
     """MoE buffers at capacity: the expert buffers saved for backward and one layer's
-    exchange buffers."""
+    exchange buffers (checkpointed at EP > 1, also every layer's exchanged rows, kept for
+    its recomputation)."""
     moe_dispatch_no_drop: float
     """The same when no token is dropped and all the EP group's tokens pick one expert."""
     logits_loss: float
@@ -109,6 +110,9 @@ def estimate_memory(cfg: Config, gpu: str | Hardware = "a100-40gb",
       dense FFN's, and its expert buffer and pre-activation (rows at capacity); without
       flash attention the softmax scores (4 x heads x s per token) too;
     - activation checkpointing keeps each block's input and recomputes one block at a time;
+      at EP > 1 each MoE layer also keeps what its two exchanges returned (the fixed
+      exchange's buffers at capacity, or the rows received and sent back), so that the
+      recomputation exchanges nothing;
     - under fsdp with gradient accumulation reduced once per step, the unsharded fp32
       gradients through the micro-batches' forward and backward passes;
     - at the loss, logits in c, their fp32 copy and log-softmax, and in backward their
@@ -162,24 +166,30 @@ def estimate_memory(cfg: Config, gpu: str | Hardware = "a100-40gb",
         exchange = 4 * sent + rows * d * c + gelu + weight_casts
         return saved_rows, exchange
 
-    def held(rows: int) -> tuple[float, float]:
-        """(MoE dispatch row, activations + dispatch + logits at the forward/backward peak)."""
+    def held(rows: int, fixed: bool) -> tuple[float, float]:
+        """(MoE dispatch row, activations + dispatch + logits at the forward/backward peak);
+        ``fixed``: the fixed-capacity exchange, else the variable one."""
         moe_saved, exchange = dispatch(rows)
         layers = 1 if ckpt else shape.moe_layers
         with_moe = [s + (moe_saved if moe.is_moe_layer(i) else 0) for i, s in enumerate(saved)]
+        assignments = tokens * moe.top_k  # the variable exchange receives real rows only
+        received, returned = (rows, rows) if fixed else (min(rows, par.ep_size * assignments), assignments)
+        # checkpointing: held from each MoE layer's forward until its recomputation
+        kept = (received + returned) * d * c if ckpt and moe.enabled and par.ep_size > 1 else 0
         if ckpt:  # block inputs kept; one block recomputed and its backward at a time
             inputs = m.n_layer * 4 * d * tokens
-            peak = inputs + max(head + logits_loss, max(with_moe) + max(layer_work, exchange))
+            peak = inputs + max(head + logits_loss + shape.moe_layers * kept,
+                                max(with_moe) + max(layer_work, exchange) + (shape.moe_layers - 1) * kept)
         else:
             peak = sum(with_moe) + head + max(logits_loss, layer_work, exchange)
-        return layers * moe_saved + exchange, peak
+        return layers * moe_saved + shape.moe_layers * kept + exchange, peak
 
     if ckpt:
         activations = m.n_layer * 4 * d * tokens + head + max(saved) + layer_work
     else:
         activations = sum(saved) + head + layer_work
-    moe_dispatch, held_at_capacity = held(dispatch_rows(cfg, tokens, no_drop=False))
-    moe_no_drop, held_no_drop = held(dispatch_rows(cfg, tokens, no_drop=True))
+    moe_dispatch, held_at_capacity = held(dispatch_rows(cfg, tokens, no_drop=False), moe.fixed_capacity_exchange)
+    moe_no_drop, held_no_drop = held(dispatch_rows(cfg, tokens, no_drop=True), fixed=False)
     distributed = world > 1
     accumulation = train.global_batch // (train.micro_batch * world)
     held_unsharded = fsdp and par.grad_sync == "last_micro_batch" and accumulation > 1

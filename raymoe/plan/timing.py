@@ -78,7 +78,8 @@ def estimate_time(cfg: Config, gpu: str | Hardware = "a100-40gb", workers: int |
         on_node = nbytes * (in_node - 1) / ep
         one = max(off_node / (hw.network_bandwidth / hw.gpus_per_node),
                   on_node / hw.nvlink_bandwidth) + ALL_TO_ALL_LATENCY
-        exchanges = (6 if ckpt else 4) * shape.moe_layers  # dispatch + combine, fwd (x2) + bwd
+        # dispatch + combine, forward and backward (checkpointing replays, not repeats, them)
+        exchanges = 4 * shape.moe_layers
         all_to_all = one * exchanges
 
     reduce_bytes = 2 if par.reduce_dtype == "bfloat16" else 4
