@@ -58,6 +58,7 @@ from raymoe.data.storage import Location  # noqa: E402
 from raymoe.data.stream import SequenceReader  # noqa: E402
 from raymoe.data.text import decode_text, strip_gutenberg  # noqa: E402
 from raymoe.data.tokenizers import gpt2_tokenizer  # noqa: E402
+from raymoe.runs import read_metrics  # noqa: E402
 
 SHARED = REPO.parent / "shared" / "data"
 CORPUS = SHARED / "corpus" / "gutenberg"
@@ -179,8 +180,7 @@ def startup_seconds(root: Path, shards: int = 1_000_000) -> tuple[float, int]:
 
 def step_seconds(metrics: Path) -> float:
     """Wall seconds per step between the first and the last logged step after warm-up."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
-    rows = [r for r in rows if "lm_loss" in r and r["step"] > 10]
+    rows = [r for r in read_metrics(str(metrics)) if "lm_loss" in r and r["step"] > 10]
     return (rows[-1]["time"] - rows[0]["time"]) / (rows[-1]["step"] - rows[0]["step"])
 
 
@@ -202,7 +202,7 @@ def one_process_step_seconds(data: Path, tmp: Path, steps: int) -> float:
     cfg = tiny_moe_config(data, tmp, "one-process", steps, "parallel.num_workers=1")
     Trainer(cfg, FileHooks(tmp / "one-process", keep=1, rank=0), torch.device("cpu"),
             metrics_uri=tmp / "one-process" / "metrics", log=lambda _: None).run()
-    return step_seconds(tmp / "one-process" / "metrics" / "metrics.jsonl")
+    return step_seconds(tmp / "one-process" / "metrics")
 
 
 def ray_step_seconds(tmp: Path, steps: int) -> tuple[float, float, int, int]:
@@ -217,7 +217,7 @@ def ray_step_seconds(tmp: Path, steps: int) -> tuple[float, float, int, int]:
                                val_fraction=0.05, doc_chars=8000, shard_bytes=128 * 2**10),
                 log=lambda _: None)
         train_on_ray(tiny_moe_config(data, tmp, name, steps))
-        results.append((step_seconds(tmp / name / "metrics" / "metrics.jsonl"),
+        results.append((step_seconds(tmp / name / "metrics"),
                         len(PreparedDataset.open(str(data)).shards("train"))))
     (sample, sample_shards), (austen, austen_shards) = results
     return sample, austen, sample_shards, austen_shards

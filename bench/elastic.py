@@ -1,6 +1,6 @@
 """What a lost spot node costs an elastic run, measured on a multi-node Ray cluster on this
-machine (a CPU-less head and two worker nodes started with `ray start`, as the multi-node
-tests run it).
+machine (raymoe.local_cluster, as the multi-node tests run it: a CPU-less head and two
+worker nodes started with `ray start`).
 
 tiny-moe8 trains elastic on [2, 4] workers (2 per node, EP 4); after the first checkpoint
 one node's raylet is killed. Measured: seconds from the loss to the next training step
@@ -18,7 +18,6 @@ cadence on average, preemptions falling at random times); each checkpoint costs 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import signal
@@ -31,9 +30,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # the multi-node cluster of the tests
 
-from multinode import BIN, MultiNodeCluster, wait_until  # noqa: E402
+from raymoe.local_cluster import BIN, MultiNodeCluster, wait_until  # noqa: E402
+from raymoe.runs import read_metrics  # noqa: E402
 
 NODE_CPUS = 3
 RUN = ["model.seq_len=32", "model.d_model=32", "model.n_layer=2", "model.n_head=2",
@@ -50,14 +49,8 @@ prepare(PrepareOptions([sys.argv[3]], sys.argv[1], tokenizer="bytes", seq_len=32
 """
 
 
-def records(metrics: Path) -> list[dict]:
-    if not metrics.is_file():
-        return []
-    return [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-
-
-def first_step_after(metrics: Path, since: float, workers: int) -> dict | None:
-    return next((r for r in records(metrics) if "lm_loss" in r and r["time"] > since
+def first_step_after(metrics: str, since: float, workers: int) -> dict | None:
+    return next((r for r in read_metrics(metrics) if "lm_loss" in r and r["time"] > since
                  and r["workers"] == workers), None)
 
 
@@ -97,13 +90,13 @@ def main() -> None:
         cluster.start_head()
         for _ in range(2):
             cluster.add_worker(NODE_CPUS, memory_gib=2)
-        metrics = root / "runs" / "elastic" / "metrics" / "metrics.jsonl"
+        metrics = str(root / "runs" / "elastic" / "metrics")
         log = open(root / "driver.log", "w")
         driver = subprocess.Popen([str(BIN / "raymoe"), "train", "tiny-moe8", f"data.path={data}",
                                    f"train.storage={root / 'runs'}", "train.run_name=elastic", *RUN,
                                    "--address", cluster.address], cwd=root, env=cluster.env(),
                                   stdout=log, stderr=subprocess.STDOUT)
-        wait_until(lambda: any(r.get("step", 0) >= 25 for r in records(metrics)), 600,
+        wait_until(lambda: any(r.get("step", 0) >= 25 for r in read_metrics(metrics)), 600,
                    "25 steps of the group of 4")
         lost_at = time.time()
         cluster.kill_raylet(1)
@@ -122,7 +115,7 @@ def main() -> None:
         assert grown is not None
         print(f"elastic: node join -> first step of the larger group: {grown['time'] - joined_at:.1f} s "
               f"(node start included; resize check every 5 s)")
-        stall = checkpoint_stall(records(metrics), every=10)
+        stall = checkpoint_stall(read_metrics(metrics), every=10)
         print(f"elastic: checkpoint stall: {stall:.2f} s per checkpoint")
         for rate in args.rates:
             for cadence in args.cadences:

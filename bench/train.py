@@ -32,19 +32,19 @@ import torch  # noqa: E402
 from raymoe.config import config_from_dict, load_config  # noqa: E402
 from raymoe.data.prepare import PrepareOptions, prepare  # noqa: E402
 from raymoe.model import GPT  # noqa: E402
+from raymoe.runs import read_metrics  # noqa: E402
 from raymoe.train.launcher import train_on_ray  # noqa: E402
 
 
-def wall_tokens_per_s(metrics_file: Path, skip: int = 9) -> float:
-    lines = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    lines = [r for r in lines if "lm_loss" in r and r["step"] > skip]
+def wall_tokens_per_s(metrics: Path, skip: int = 9) -> float:
+    lines = [r for r in read_metrics(str(metrics)) if "lm_loss" in r and r["step"] > skip]
     first, last = lines[0], lines[-1]
     return (last["tokens"] - first["tokens"]) / (last["time"] - first["time"])
 
 
-def median_samples_per_s(metrics_file: Path, skip: int = 9) -> float:
-    lines = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    return statistics.median(r["samples_per_s"] for r in lines if "lm_loss" in r and r["step"] > skip)
+def median_samples_per_s(metrics: Path, skip: int = 9) -> float:
+    return statistics.median(r["samples_per_s"] for r in read_metrics(str(metrics))
+                             if "lm_loss" in r and r["step"] > skip)
 
 
 def torchrun_worker(config_json: str, address: str) -> None:
@@ -100,7 +100,7 @@ def main() -> None:
         def run_ray(name: str, *extra: str) -> Path:
             train_on_ray(load_config("tiny-moe8" if "dense" not in name else "tiny",
                                      [*common, f"train.run_name={name}", *extra]))
-            return Path(tmp) / name / "metrics" / "metrics.jsonl"
+            return Path(tmp) / name / "metrics"
 
         ray_rate = wall_tokens_per_s(run_ray("ray"))
         cfg = load_config("tiny-moe8", [*common, "train.run_name=torchrun"])
@@ -108,7 +108,7 @@ def main() -> None:
                         "--nproc_per_node=2", __file__, "--torchrun-worker",
                         json.dumps(cfg.to_dict()), context.address_info["address"]],
                        check=True, cwd=REPO)
-        torchrun_rate = wall_tokens_per_s(Path(tmp) / "torchrun" / "metrics" / "metrics.jsonl")
+        torchrun_rate = wall_tokens_per_s(Path(tmp) / "torchrun" / "metrics")
         moe_cfg = load_config("tiny-moe8")
         dense_overrides = dense_of_5x_active(moe_cfg)
         dense_cfg = load_config("tiny", dense_overrides)

@@ -1,34 +1,57 @@
 """Where a run lives and what it holds, on any storage (a local path or an s3:// URI).
 
-A run is a directory ``STORAGE/RUN_NAME``: its checkpoints ``step-NNNNNNNN`` (complete once
-their manifest and every file it lists are there) and its metrics (``metrics/metrics.jsonl``, TensorBoard event
-files under ``metrics/tensorboard``). Everything here reads through the storage layer, so
-the driver, any worker and a later study see the same run wherever it lies; nothing
-downloads a checkpoint to find it.
+A run is a directory ``STORAGE/RUN_NAME``: its checkpoints ``step-NNNNNNNN`` and its
+metrics (``metrics/metrics.jsonl.NNNNNN`` parts and TensorBoard event files under
+``metrics/tensorboard``; ``read_metrics`` reads them back).
+A checkpoint is complete when its manifest is there and every file the manifest lists is
+there with its size (one listing): anything less (a crash mid-save, an upload that failed
+or is still running) is not a checkpoint. Everything here reads through the storage
+layer, so the driver, any worker and a later study see the same run wherever it lies;
+nothing downloads a checkpoint to find it.
+
+raymoe.parallel.checkpoint writes and reads a checkpoint's tensors and writes its
+manifest in the format read here; it imports its names from here, never the other way
+(so this module needs no torch).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from raymoe.data.storage import is_s3, locate
 from raymoe.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_from_json
-from raymoe.parallel.checkpoint import (
-    MANIFEST,
-    STEP_DIR,
-    CheckpointError,
-    missing_files,
-    read_manifest,
-)
+from raymoe.errors import RaymoeError
 
 if TYPE_CHECKING:
     from raymoe.config import Config
 
-METRICS_FILE = "metrics.jsonl"
+LEGACY_METRICS = "metrics.jsonl"
+METRICS_PART = re.compile(r"^metrics\.jsonl\.(\d+)$")
+"""A part of a run's metrics.jsonl lines (S3 has no append: a writer adds parts)."""
+FORMAT = "raymoe-checkpoint/3"
+"""/3: the manifest lists every file with its size."""
+MANIFEST = "manifest.json"
+STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(RaymoeError, RuntimeError):
+    """A checkpoint is missing, incomplete, or of another model."""
+
+
+def step_name(step: int) -> str:
+    """The name of a run's checkpoint directory of ``step``."""
+    return f"step-{step:08d}"
+
+
+def step_directory(root: str | Path, step: int) -> Path:
+    return Path(root) / step_name(step)
 
 
 def absolute(uri: str) -> str:
@@ -56,8 +79,77 @@ def run_location(cfg: Config) -> RunLocation:
     return RunLocation(cfg.train.run_name or cfg.name, absolute(cfg.train.storage))
 
 
+# ---------------------------------------------------------------------------- a run's metrics
+
+
+def metrics_part(number: int) -> str:
+    return f"metrics.jsonl.{number:06d}"
+
+
+def metrics_parts(metrics_uri: str, children: list[str] | None = None) -> list[int]:
+    """The numbers of the metrics.jsonl parts in ``metrics_uri`` (or among its
+    ``children``, listed by the caller), in order."""
+    names = locate(metrics_uri).children() if children is None else children
+    return sorted(int(m.group(1)) for name in names if (m := METRICS_PART.match(name)))
+
+
+def read_metrics(metrics_uri: str) -> list[dict[str, Any]]:
+    """Every record of a run's metrics (``RunLocation.metrics_uri``), in the order written;
+    none when there are none: a whole ``metrics.jsonl`` of a run written before metrics
+    came in parts, then the parts. A line still being written (local storage appends in
+    place) is left out."""
+    root = locate(metrics_uri)
+    children = root.children()
+    files = ([LEGACY_METRICS] if LEGACY_METRICS in children else []) + \
+        [metrics_part(number) for number in metrics_parts(metrics_uri, children)]
+    return [json.loads(line) for name in files for line in root.join(name).read_bytes().split(b"\n")[:-1]]
+
+
 Log = Callable[[str], None]
 _warn: Log = logging.getLogger("raymoe").warning
+
+
+# ---------------------------------------------------------------------------- one checkpoint
+
+
+def read_manifest(directory: str | Path, count: Callable[[bytes], bytes] | None = None) -> dict[str, Any]:
+    """The format-checked manifest of a checkpoint, read where it lies (a local directory
+    or an s3:// URI). ``count`` is handed the bytes read (a checkpoint's reader counts
+    every byte it reads)."""
+    path = locate(str(directory)).join(MANIFEST)
+    if not path.exists():
+        raise CheckpointError(f"{directory}: no {MANIFEST}; the checkpoint is incomplete "
+                              "(a save that did not finish) or not a raymoe checkpoint")
+    data = path.read_bytes()
+    manifest = json.loads(count(data) if count else data)
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path.uri}: format {manifest.get('format')!r}, expected {FORMAT!r}")
+    if not isinstance(manifest.get("files"), dict):
+        raise CheckpointError(f"{path.uri}: lists no files (not written by raymoe's save_checkpoint)")
+    return manifest
+
+
+def missing_files(directory: str | Path) -> str | None:
+    """Why the checkpoint in ``directory`` is not complete, or None when it is: its
+    manifest and every file the manifest lists, with that size (one listing and the
+    manifest's read)."""
+    root = locate(str(directory))
+    present = root.file_sizes()
+    if MANIFEST not in present:
+        return f"no {MANIFEST}"
+    listed = read_manifest(root.uri)["files"]
+    gone = [name for name in listed if name not in present]
+    short = [f"{name} ({present[name]} of {size} bytes)" for name, size in listed.items()
+             if name in present and present[name] != size]
+    problems = []
+    if gone:
+        problems.append(f"missing {', '.join(gone[:5])}" + (f" and {len(gone) - 5} more" if len(gone) > 5 else ""))
+    if short:
+        problems.append(f"incomplete {', '.join(short[:5])}")
+    return "; ".join(problems) or None
+
+
+# ---------------------------------------------------------------------------- a run's checkpoints
 
 
 def _step_directories(run_uri: str) -> list[tuple[int, str]]:

@@ -25,9 +25,10 @@ def test_gpu_script_smoke_run_on_cpu():
     for line in (dense, moe):
         assert re.search(r"[\d,]+ tokens/s, MFU: no GPU, peak memory: no GPU "
                          r"\(raymoe plan on cpu: \d+\.\d+ GiB\)", line), line
-    # one read per step and one token-id check; the MoE layer with dropping adds none
-    assert dense.startswith("gpt-350m: 2 layers") and dense.endswith("host syncs per step 2")
-    assert moe.startswith("gpt-350m-moe128: 2 layers") and moe.endswith("host syncs per step 2")
+    # one read per step (token ids are checked where the data is read); the MoE layer with
+    # dropping adds none
+    assert dense.startswith("gpt-350m: 2 layers") and dense.endswith("host syncs per step 1")
+    assert moe.startswith("gpt-350m-moe128: 2 layers") and moe.endswith("host syncs per step 1")
     assert float(lines[3].rsplit(": ", 1)[1]) > 0
     agree = re.search(r"grouped_mm / batched product: no GPU \(outputs agree to (\S+) on cpu\)", lines[4])
     assert agree and float(agree.group(1)) < 1e-5, lines[4]

@@ -20,7 +20,7 @@ from raymoe.eval.runner import evaluate_checkpoint
 from raymoe.eval.scoring import Scorer
 from raymoe.eval.tasks import TASKS, ChoiceExample, EvalDataError, load_examples
 from raymoe.model.generation import Sampling, generate
-from raymoe.parallel.checkpoint import FORMAT, CheckpointError
+from raymoe.runs import FORMAT, CheckpointError
 
 
 @pytest.fixture(params=[0, 4], ids=["dense", "moe4"])

@@ -1,6 +1,6 @@
 """Host syncs, counted on CPU: the counter itself, the MoE layer's forward and backward
 against the issue's goals (at most 2 with dropping, 4 without), and the one host read
-of a training step."""
+of train_step."""
 
 from __future__ import annotations
 
@@ -68,8 +68,9 @@ def test_moe_layer_syncs_within_the_goals(top_k, options):
 
 
 def test_a_training_step_reads_the_host_once():
-    """One read for the step (losses, norm, finite check, MoE statistics) and one per
-    micro-batch for the token-id check; none per MoE layer with dropping, one without."""
+    """One read for the step (losses, norm, finite check, MoE statistics, the values summed
+    over ranks with them); per micro-batch, none per MoE layer (2 here) with dropping, one
+    without. (The loop's whole step, reader and metrics included: test_loop.)"""
     for drop, per_moe_layer in ((True, 0), (False, 1)):
         cfg = load_config("tiny-moe8", ["model.seq_len=16", "model.n_layer=2", "model.d_model=32",
                                         "model.moe.every=1", f"model.moe.drop_tokens={str(drop).lower()}"])
@@ -79,7 +80,7 @@ def test_a_training_step_reads_the_host_once():
         data = torch.randint(0, cfg.model.vocab_size, (3, 2, 17))
         batches = [(rows[:, :-1], rows[:, 1:]) for rows in data]
         with count_host_syncs(excluding=optimizer) as synced:
-            result = train_step(model, optimizer, Mesh(1), batches, grad_clip=1.0)
-        assert not result.skipped and result.grad_norm > 0
-        assert synced.total == 1 + len(batches) * (1 + 2 * per_moe_layer), (drop, synced)
+            result = train_step(model, optimizer, Mesh(1), batches, grad_clip=1.0, summed=[2.5])
+        assert not result.skipped and result.grad_norm > 0 and result.summed == [2.5]
+        assert synced.total == 1 + len(batches) * 2 * per_moe_layer, (drop, synced)
         assert [int(c.sum()) for c in result.tokens_per_expert] == [3 * 2 * 16] * 2

@@ -9,17 +9,16 @@ import re
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import psutil
 import pytest
-from conftest import REPO, free_port
+from conftest import REPO
 
 from raymoe.jobs import JobError, RaymoeJobs
-
-BIN = Path(sys.executable).parent
+from raymoe.local_cluster import BIN, free_port
+from raymoe.runs import read_metrics
 
 
 def head_env(token: str) -> dict[str, str]:
@@ -72,7 +71,7 @@ def test_submit_follow_list_and_stop_jobs(ray_head, dataset, tmp_path, monkeypat
     assert "finished at step 4" in logs
     run_dir = storage / "tiny-moe8"
     assert (run_dir / "step-00000004" / "manifest.json").is_file()
-    assert (run_dir / "metrics" / "metrics.jsonl").is_file()
+    assert [r["step"] for r in read_metrics(str(run_dir / "metrics")) if "lm_loss" in r] == [2, 4]
     info = jobs.info(first)
     assert (info.kind, info.config, info.run_dir) == ("train", "tiny-moe8", str(run_dir))
 
@@ -111,7 +110,7 @@ def test_submit_follow_list_and_stop_jobs(ray_head, dataset, tmp_path, monkeypat
     records = json.dumps([vars(jobs.info(j)) for j in (first, second)]) + \
         json.dumps([jobs.client.get_job_info(j).runtime_env for j in (first, second)])
     texts = [records, logs, (run_dir / "step-00000004" / "manifest.json").read_text(),
-             (run_dir / "metrics" / "metrics.jsonl").read_text()]
+             json.dumps(read_metrics(str(run_dir / "metrics")))]
     uploads = list(Path(ray_head["temp_dir"]).rglob("runtime_resources/**/*"))
     assert any(p.name == "pretrain.py" for p in uploads), "the working_dir upload was not found"
     assert not any(p.name in (".venv", ".git", "runs") for p in uploads)

@@ -1,5 +1,6 @@
 """The per-worker loop in one process (no Ray Train): non-finite steps are skipped, then
-stopped with the layer named, keeping the last good checkpoint; plain-file checkpoints."""
+stopped with the layer named, keeping the last good checkpoint; plain-file checkpoints;
+the host syncs of a whole step."""
 
 from __future__ import annotations
 
@@ -7,10 +8,11 @@ import math
 
 import pytest
 import torch
+from one_process import StepCounts
 from test_train import config
 
-from raymoe.parallel.checkpoint import step_directory
-from raymoe.runs import latest_checkpoint
+from raymoe.host_syncs import count_host_syncs
+from raymoe.runs import latest_checkpoint, step_directory
 from raymoe.train.loop import FileHooks, NonFiniteLossError, Trainer
 
 
@@ -50,3 +52,23 @@ def test_file_hooks_keep_the_last_k_checkpoints(dataset, tmp_path):
     summary = make_trainer(cfg, tmp_path / "keep").run()
     assert summary.step == 6 and math.isfinite(summary.validation_loss)
     assert sorted(p.name for p in (tmp_path / "keep").glob("step-*")) == ["step-00000005", "step-00000006"]
+
+
+def test_a_step_that_does_not_log_reads_the_host_once(dataset, tmp_path):
+    """The loop's whole step on CPU, counted by raymoe.host_syncs: the reader's two
+    micro-batches, their copy to the device, the checkpoint cadence (by minutes too), the
+    step and the metrics writer. One host read, the step's own (it was 6: a token-id check
+    and a copy per micro-batch, and the cadence's all-reduce). Steps 2 to 4 neither log,
+    validate nor save; step 5, the last, does all three."""
+    cfg = config(dataset, str(tmp_path), "syncs", "parallel.num_workers=1", "train.max_steps=5",
+                 "train.log_every=100", "train.eval_every=100", "train.checkpoint_every=100",
+                 "train.checkpoint_every_minutes=30")
+    hooks = StepCounts(tmp_path / "syncs")
+    trainer = Trainer(cfg, hooks, torch.device("cpu"), metrics_uri=tmp_path / "syncs" / "metrics",
+                      log=lambda _: None)
+    assert trainer.accumulation == 2
+    with count_host_syncs(excluding=trainer.optimizer) as synced:
+        hooks.count = lambda: synced.total
+        trainer.run()
+    assert [hooks.per_step()[step] for step in (2, 3, 4)] == [1, 1, 1], synced
+    assert hooks.saved() == [5]

@@ -24,14 +24,15 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import REPO
-from multinode import BIN, MultiNodeCluster, wait_until
 from one_process import train_in_one_process
 
 from raymoe.eval.harness import EvalOptions
 from raymoe.eval.runner import evaluate_checkpoint
 from raymoe.eval.tasks import SAMPLE_DATA
 from raymoe.jobs import RaymoeJobs
+from raymoe.local_cluster import BIN, MultiNodeCluster, wait_until
 from raymoe.parallel.mesh import MeshLayout
+from raymoe.runs import read_metrics
 
 pytestmark = [pytest.mark.ray, pytest.mark.s3, pytest.mark.slow]
 
@@ -215,7 +216,7 @@ def test_an_elastic_job_waits_for_a_node_grows_and_shrinks_with_the_nodes_and_a_
     assert f"finished at step {total}" in resumed.stdout
     assert "Ray Train holds no record of this run's checkpoints; resuming from" in text
 
-    records = [json.loads(line) for line in s3["read"]("runs/elastic/metrics/metrics.jsonl").splitlines()]
+    records = read_metrics(f"{s3['uri']}/runs/elastic/metrics")
     trained = [(r["step"], r["workers"], r["ep_size"], r["lm_loss"]) for r in records if "lm_loss" in r]
     assert [w for w, _ in itertools.groupby((w, ep) for _, w, ep, _ in trained)] == [(2, 2), (4, 2), (2, 2)]
     last = {step: loss for step, _, _, loss in trained}  # a redone step's last line wins
@@ -224,7 +225,7 @@ def test_an_elastic_job_waits_for_a_node_grows_and_shrinks_with_the_nodes_and_a_
         assert loss == pytest.approx(expected[step], abs=1e-4), step
     # Each group trains on from the checkpoint it resumed from, one step after the other:
     # past that checkpoint no step (no sequence) is trained twice. (Lines the lost group
-    # wrote after its last upload of metrics.jsonl are gone with it.)
+    # wrote after its last upload of its metrics are gone with it.)
     restarts = {int(grow.group(1)), int(shrink.group(1)), ELASTIC_STEPS}
     assert all(trained[i][0] == trained[i - 1][0] + 1 or trained[i][0] - 1 in restarts
                for i in range(1, len(trained)))
@@ -362,7 +363,7 @@ def test_a_study_submitted_as_a_job_writes_every_artefact_to_s3(cluster, s3, dat
                                                                           rel=1e-5)
         assert len(results.get("parameter_bytes", [[]])[0]) == ranks  # the MoE model: one group of 2
         files = s3["list"](f"{study}/{trial}")
-        assert "metrics/metrics.jsonl" in files and "step-00000008/manifest.json" in files
+        assert "metrics/metrics.jsonl.000000" in files and "step-00000008/manifest.json" in files
         assert any(f.startswith("metrics/tensorboard/events.out.tfevents") for f in files)
     tune_state = s3["list"]("studies/.tune/mini-tune")
     assert any(f.startswith("experiment_state") for f in tune_state), tune_state

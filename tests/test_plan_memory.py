@@ -6,7 +6,6 @@ model as the GPU ones with fp32 compute and no CUDA overhead (raymoe.plan.estima
 from __future__ import annotations
 
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
@@ -87,14 +86,12 @@ def _fake_step_peak(cfg) -> float:
     """MemTracker's peak of the second training step, every tensor fake (no memory).
 
     The step is train_step's tensor work without its host reads (FakeTensorMode has no
-    values to read), and check_token_ids, which reads the ids' range, is switched off in
-    this harness for the same reason. MoE layers read routing counts on the host, which
-    FakeTensorMode cannot give, so only dense models are tracked this way.
+    values to read). MoE layers read routing counts on the host, which FakeTensorMode
+    cannot give, so only dense models are tracked this way.
     """
     from torch._subclasses.fake_tensor import FakeTensorMode
     from torch.distributed._tools.mem_tracker import MemTracker
 
-    import raymoe.model.gpt as gpt_module
     from raymoe.model import GPT
     from raymoe.parallel import Mesh
     from raymoe.parallel.grads import global_grad_norm, scale_gradients
@@ -107,7 +104,7 @@ def _fake_step_peak(cfg) -> float:
         optimizer.step()
         optimizer.zero_grad(set_to_none=False)
 
-    with FakeTensorMode(), mock.patch.object(gpt_module, "check_token_ids", lambda *args, **kwargs: None):
+    with FakeTensorMode():
         model = GPT(cfg.model)
         optimizer = build_optimizer(model, cfg.optim)
         ids = torch.randint(0, cfg.model.vocab_size, (cfg.train.micro_batch, cfg.model.seq_len + 1))

@@ -18,6 +18,7 @@ from raymoe.data.tokenizers import Tokenizer
 from raymoe.model import GPT
 from raymoe.model.generation import Sampling, generate, left_pad
 from raymoe.model.precision import autocast
+from raymoe.model.token_ids import check_token_ids
 
 
 @dataclass(frozen=True)
@@ -94,6 +95,7 @@ class Scorer:
     @torch.no_grad()
     def loglikelihoods(self, pairs: list[TokenPair]) -> list[Score]:
         """Each continuation given its context, one full forward per batch (no cache)."""
+        self._check(pairs)
         pairs = [self.fit(c, k) for c, k in pairs]
         results: list[Score] = [Score(0.0, False)] * len(pairs)
         for batch in self._batches([len(c) + len(k) for c, k in pairs]):
@@ -121,6 +123,7 @@ class Scorer:
         items, and all without ``use_cache``, run every (context, continuation) pair as
         one full forward.
         """
+        self._check([(c, k) for c, ks in items for k in ks])
         shared = [use_cache and self._worth_sharing(c, ks) for c, ks in items]
         results: list[list[Score]] = [[] for _ in items]
         separate = [i for i, s in enumerate(shared) if not s]
@@ -133,6 +136,10 @@ class Scorer:
             for i, scores in zip(batch, self._shared_context_batch([items[i] for i in batch]), strict=False):
                 results[i] = scores
         return results
+
+    def _check(self, pairs: list[TokenPair]) -> None:
+        check_token_ids(self.model.cfg.vocab_size, context=[c for c, _ in pairs],
+                        continuation=[k for _, k in pairs])
 
     def _worth_sharing(self, context: list[int], continuations: list[list[int]]) -> bool:
         longest = max(len(k) for k in continuations)

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor
 
 from raymoe.model.gpt import GPT
+from raymoe.model.token_ids import check_token_ids
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ def generate(model: GPT, prompts: list[list[int]], max_new_tokens: int,
     """
     if any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
+    check_token_ids(model.cfg.vocab_size, prompt=prompts)
     device = model.wte.weight.device
     ids, pad = left_pad(prompts, pad_id=0, device=device)
     max_new_tokens = min(max_new_tokens, model.cfg.seq_len - ids.shape[1])

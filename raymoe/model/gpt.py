@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from raymoe.config import ModelConfig
+from raymoe.model.exchange_tape import keep_exchanges
 from raymoe.model.kv_cache import KVCache
 from raymoe.model.moe import ExpertExchange, MoELayer, MoEStats, is_expert_parameter
 
@@ -167,9 +168,9 @@ class GPT(nn.Module):
                 cache: KVCache | None = None, keep_last: int | None = None) -> GPTOutput:
         """``cache``: attend to its keys and values too, store this call's, and advance it
         (incremental decoding; its left padding is masked and not counted in positions).
-        ``keep_last``: logits of the last positions only (the rest are not computed)."""
-        check_token_ids(self.cfg.vocab_size, input=idx, **({} if targets is None else {"target": targets}))
-        x, stats = self._features(idx, cache)
+        ``keep_last``: logits of the last positions only (the rest are not computed).
+        Token ids are checked where they enter, on the host (raymoe.model.token_ids)."""
+        x, stats = self.features(idx, cache)
         logits = self.head(x if keep_last is None else x[:, -keep_last:])
         if targets is None:
             return GPTOutput(logits=logits, moe_stats=stats)
@@ -183,10 +184,6 @@ class GPT(nn.Module):
 
     def features(self, idx: Tensor, cache: KVCache | None = None) -> tuple[Tensor, list[MoEStats]]:
         """The final (normalised) hidden states, before the output embedding."""
-        check_token_ids(self.cfg.vocab_size, input=idx)
-        return self._features(idx, cache)
-
-    def _features(self, idx: Tensor, cache: KVCache | None) -> tuple[Tensor, list[MoEStats]]:
         seq = idx.shape[1]
         positions = torch.arange(seq, device=idx.device) if cache is None else cache.positions(seq)
         longest = seq if cache is None else cache.longest(seq)  # a cache's padding is no position
@@ -198,7 +195,8 @@ class GPT(nn.Module):
         for i, block in enumerate(self.blocks):
             layer_cache = LayerCache(cache, i, mask) if cache is not None and mask is not None else None
             if self.cfg.activation_checkpointing and self.training:
-                x, layer_stats = checkpoint(block, x, layer_cache, use_reentrant=False)
+                x, layer_stats = checkpoint(block, x, layer_cache, use_reentrant=False,
+                                            context_fn=keep_exchanges)
             else:
                 x, layer_stats = block(x, layer_cache)
             if layer_stats is not None:
@@ -267,19 +265,3 @@ def _normal_on_cpu(out: Tensor, std: float, generator: torch.Generator | None = 
     target.normal_(0.0, std, generator=generator)
     if not on_cpu:
         out.copy_(target)
-
-
-def check_token_ids(vocab_size: int, **ids: Tensor) -> None:
-    """Raise a clear error for ids outside [0, vocab_size) instead of a CUDA assert.
-
-    Keyword names say what the ids are ("input", "target"); all are read on the host in
-    one copy (each read waits for the GPU).
-    """
-    named = {what: t for what, t in ids.items() if t.numel() and t.device.type != "meta"}
-    if not named:
-        return
-    bounds = torch.stack([b for t in named.values() for b in torch.aminmax(t)]).tolist()
-    for what, low, high in zip(named, bounds[0::2], bounds[1::2], strict=True):
-        if low < 0 or high >= vocab_size:
-            bad = high if high >= vocab_size else low
-            raise ValueError(f"{what} token id {bad} is outside the vocabulary [0, {vocab_size})")

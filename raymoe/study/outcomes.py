@@ -1,5 +1,5 @@
 """A trial's outcome read back from the run's storage: parameter counts, its validation
-curve and throughput from metrics.jsonl, its zero-shot scores from the study's eval file."""
+curve and throughput from its metrics, its zero-shot scores from the study's eval file."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from typing import Any
 
 from raymoe.config import ConfigError, load_config
 from raymoe.data.storage import locate
-from raymoe.runs import METRICS_FILE, run_location
+from raymoe.runs import read_metrics, run_location
 
 
 @dataclass
@@ -47,11 +47,11 @@ def read_outcome(trial: dict[str, Any], error: str, eval_uri: str) -> TrialOutco
         model = GPT(cfg.model)
     outcome.total_params = model.num_parameters()
     outcome.active_params = model.num_parameters(active_only=True)
-    metrics_file = locate(run_location(cfg).metrics_uri).join(METRICS_FILE)
-    if not metrics_file.exists():
-        outcome.error = outcome.error or f"no metrics were written ({metrics_file.uri})"
+    metrics_uri = run_location(cfg).metrics_uri
+    records = read_metrics(metrics_uri)
+    if not records:
+        outcome.error = outcome.error or f"no metrics were written ({metrics_uri})"
         return outcome
-    records = [json.loads(line) for line in metrics_file.read_bytes().decode().splitlines()]
     curve = {r["tokens"]: r["val_loss"] for r in records if "val_loss" in r}
     outcome.curve = sorted(curve.items())
     if outcome.curve:

@@ -8,13 +8,13 @@ What depends on the launcher (where checkpoints go, how metrics leave the worker
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
@@ -26,19 +26,21 @@ from raymoe.errors import RaymoeError
 from raymoe.model.precision import autocast, autocast_dtype
 from raymoe.parallel import Mesh
 from raymoe.parallel.build import build_model
-from raymoe.parallel.checkpoint import (
-    MANIFEST,
-    CheckpointSource,
-    describe_written,
-    save_checkpoint,
-    step_directory,
-)
-from raymoe.runs import complete_checkpoints, latest_checkpoint
+from raymoe.parallel.checkpoint import CheckpointSource, describe_written, save_checkpoint
+from raymoe.runs import complete_checkpoints, latest_checkpoint, read_manifest, step_directory
 from raymoe.train.cadence import CheckpointCadence
-from raymoe.train.metrics import MetricsWriter, StepTimer, step_metrics
+from raymoe.train.metrics import (
+    MetricsWriter,
+    RunFacts,
+    StepTimer,
+    model_flops_per_token,
+    peak_flops,
+    step_metrics,
+)
 from raymoe.train.optim import build_optimizer, learning_rate, set_learning_rate
 from raymoe.train.preflight import open_training_data
 from raymoe.train.step import train_step
+from raymoe.train.transfer import to_device
 
 
 class NonFiniteLossError(RaymoeError, FloatingPointError):
@@ -98,13 +100,15 @@ class Trainer:
     def __init__(self, cfg: Config, hooks: RunHooks, device: torch.device,
                  metrics_uri: str | Path | None = None, log=print, idle_workers: int = 0):
         self.cfg, self.hooks, self.device, self.log = cfg, hooks, device, log
-        self.idle_workers = idle_workers
-        """Workers of an elastic group beside this one's that wait (raymoe.train.layout)."""
         self.mesh = Mesh(cfg.parallel.ep_size)
         self.rank, self.world = self.mesh.dp_rank, self.mesh.dp_size
         """This rank's part of every batch, and how many parts there are."""
         torch.manual_seed(cfg.train.seed)  # same dense init on every rank
         self.model = build_model(cfg, self.mesh, device)  # never whole on a rank
+        self.facts = RunFacts(global_batch=cfg.train.global_batch, workers=self.world,
+                              ep_size=self.mesh.ep_size, idle_workers=idle_workers,
+                              flops_per_token=model_flops_per_token(self.model),
+                              peak_flops=peak_flops(device, cfg.train.peak_flops))
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=device.type == "cuda")
         self.blend = open_training_data(cfg)
         self.dataset = self.blend.first
@@ -113,9 +117,10 @@ class Trainer:
         """A trained tokenizer, read once, copied into every checkpoint (self-contained)."""
         self.metrics = MetricsWriter(metrics_uri) if metrics_uri is not None and self.rank == 0 else None
         self.step, self.tokens, self.skipped, self.consecutive_nan = 0, 0, 0, 0
-        self.cadence = CheckpointCadence(cfg.train, self.mesh.is_distributed)
-        cursor = self._resume()
-        self.reader = self._reader("train", cfg.train.global_batch, cursor)
+        resumed = self._resume()
+        self.cadence = CheckpointCadence(cfg.train, resumed.get("saved_at") if resumed else None)
+        self.reader = self._reader("train", cfg.train.global_batch,
+                                   Cursor.from_dict(resumed["cursor"]) if resumed else None)
 
     # ---------------------------------------------------------------- set-up
 
@@ -124,7 +129,8 @@ class Trainer:
                               seed=self.cfg.data.seed, weights=self.blend.weights, cursor=cursor,
                               shuffle=split == "train", window=self.cfg.data.shuffle_window)
 
-    def _resume(self) -> Cursor | None:
+    def _resume(self) -> dict[str, Any] | None:
+        """The ``extra`` of the checkpoint resumed from, or None when the run starts afresh."""
         with self.hooks.latest_checkpoint() as directory:
             if directory is None:
                 return None
@@ -146,7 +152,7 @@ class Trainer:
         if self.metrics is not None:
             self.metrics.write(self.step, {"resumed_from": directory, "checkpoint_bytes": source.size,
                                            "checkpoint_read_bytes": bytes_read})
-        return Cursor.from_dict(extra["cursor"])
+        return extra
 
     # ---------------------------------------------------------------- loop
 
@@ -160,10 +166,11 @@ class Trainer:
         return (t.max_steps and self.step >= t.max_steps) or self.tokens >= t.total_tokens
 
     def _next_batch(self, reader: SequenceReader) -> tuple[torch.Tensor, torch.Tensor]:
-        """(inputs, targets) of one micro-batch on the device, cut to model.seq_len."""
-        rows = torch.from_numpy(reader.next_batch(self.cfg.train.micro_batch).astype("int64"))
-        rows = rows[:, :self.cfg.model.seq_len + 1].to(self.device, non_blocking=True)
-        return rows[:, :-1], rows[:, 1:]
+        """(inputs, targets) of one micro-batch on the device, cut to model.seq_len. Its
+        token ids were checked when the reader read them (raymoe.data.shards)."""
+        rows = reader.next_batch(self.cfg.train.micro_batch)[:, :self.cfg.model.seq_len + 1]
+        on_device = to_device(torch.from_numpy(rows.astype(np.int64)), self.device)
+        return on_device[:, :-1], on_device[:, 1:]
 
     def _micro_batches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [self._next_batch(self.reader) for _ in range(self.accumulation)]
@@ -194,7 +201,8 @@ class Trainer:
             timer.start()
             result = train_step(self.model, self.optimizer, self.mesh, self._micro_batches(),
                                 cfg.optim.grad_clip, autocast_dtype(self.device),
-                                cfg.parallel.grad_sync == "every_micro_batch")
+                                cfg.parallel.grad_sync == "every_micro_batch",
+                                summed=[self.cadence.elapsed()])
             seconds = timer.stop()
             self.step += 1
             if result.skipped:
@@ -205,15 +213,14 @@ class Trainer:
             last_loss = result.lm_loss
             metrics: dict[str, Any] = {}
             if self.step % t.log_every == 0 or self._done():
-                metrics = step_metrics(self, result, lr, seconds, self.reader.wait_seconds - wait_before,
-                                       tokens_per_step)
+                metrics = step_metrics(self.facts, result, lr, seconds, self.reader.wait_seconds - wait_before,
+                                       tokens_per_step, self.skipped)
             if self.step % t.eval_every == 0 or self._done():
                 validation = self.validate()
                 metrics.update(val_loss=validation, val_perplexity=math.exp(min(validation, 50.0)))
             checkpoint = None
-            if self._done() or self.cadence.due(self.step):
+            if self._done() or self.cadence.due(self.step, result.summed[0] / self.world):
                 checkpoint = self.save()
-                self.cadence.saved()
             self.hooks.on_step(self.step, seconds, checkpoint is not None)
             if metrics or checkpoint is not None:
                 metrics.update(step=self.step, tokens=self.tokens)
@@ -273,13 +280,13 @@ class Trainer:
             (directory / TOKENIZER_FILE).write_bytes(self.tokenizer_json)
         extra = {"step": self.step, "tokens": self.tokens, "skipped": self.skipped,
                  "cursor": self.reader.cursor.to_dict(), "config": self.cfg.to_dict(),
-                 "tokenizer": self.dataset.manifest["tokenizer"]}
+                 "tokenizer": self.dataset.manifest["tokenizer"], "saved_at": self.cadence.restart()}
         rank_state = {"torch": torch.get_rng_state(),
                       "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
         save_checkpoint(directory, self.model, self.mesh, self.optimizer, extra=extra,
                         rank_state=rank_state)
         if self.rank == 0:
-            manifest = json.loads((directory / MANIFEST).read_text())
+            manifest = read_manifest(directory)
             self.log(f"step {self.step}: {describe_written(manifest, str(directory.parent))}")
         return directory
 

@@ -1,28 +1,38 @@
 """Training metrics: what is measured each logged step, and where it is written
-(TensorBoard event files and metrics.jsonl in the run's storage, a progress line)."""
+(TensorBoard event files and metrics.jsonl parts in the run's storage, off the training
+thread; a progress line)."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import math
+import queue
 import shutil
 import tempfile
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import pyarrow.fs as pafs
 import torch
 
 from raymoe.config import TrainConfig
 from raymoe.data.storage import locate
-from raymoe.runs import METRICS_FILE
+from raymoe.runs import metrics_part, metrics_parts
 
 if TYPE_CHECKING:
+    from tensorboardX.event_file_writer import EventsWriter
+
     from raymoe.model import GPT
-    from raymoe.train.loop import Trainer
     from raymoe.train.step import StepResult
+
+PART_BYTES = 4 * 2**20
+"""A part of metrics.jsonl ends at this size, and the part of the TensorBoard events
+with it (the same reports, in fewer bytes)."""
+TENSORBOARD = "tensorboard"
 
 PEAK_BF16_FLOPS = {"A100": 312e12, "H100": 989e12, "H200": 989e12, "A10G": 125e12, "L4": 121e12}
 """Dense bf16 peak per GPU, by a substring of the device name."""
@@ -45,28 +55,44 @@ def peak_flops(device: torch.device, configured: float) -> float | None:
     return next((v for k, v in PEAK_BF16_FLOPS.items() if k in name), None)
 
 
-def flops_per_token(trainer: Trainer) -> float:
-    return model_flops_per_token(trainer.model)
-
-
 def model_flops_per_token(model: GPT) -> float:
     """Training FLOPs per token: 6 x active parameters plus attention (12 x L x d x T)."""
     m = model.cfg
     return 6 * model.num_parameters(active_only=True) + 12 * m.n_layer * m.d_model * m.seq_len
 
 
-def step_metrics(trainer: Trainer, result: StepResult, lr: float, seconds: float,
-                 data_wait: float, tokens_per_step: int) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Report:
+    step: int
+    time: float
+    metrics: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """What a run's step metrics report besides the step itself: fixed for the run."""
+
+    global_batch: int
+    workers: int
+    ep_size: int
+    idle_workers: int
+    """Workers of an elastic group beside this one's that wait (raymoe.train.layout)."""
+    flops_per_token: float
+    peak_flops: float | None
+    """A worker's (see peak_flops); None where unknown, and then no MFU is reported."""
+
+
+def step_metrics(run: RunFacts, result: StepResult, lr: float, seconds: float, data_wait: float,
+                 tokens_per_step: int, skipped_steps: int) -> dict[str, Any]:
     metrics: dict[str, Any] = {
         "loss": result.loss, "lm_loss": result.lm_loss, "l_aux": result.l_aux, "lr": lr,
         "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_step / seconds,
-        "samples_per_s": trainer.cfg.train.global_batch / seconds, "step_seconds": seconds,
-        "data_wait_s": data_wait, "skipped_steps": trainer.skipped,
-        "workers": trainer.world, "ep_size": trainer.mesh.ep_size, "idle_workers": trainer.idle_workers,
+        "samples_per_s": run.global_batch / seconds, "step_seconds": seconds,
+        "data_wait_s": data_wait, "skipped_steps": skipped_steps,
+        "workers": run.workers, "ep_size": run.ep_size, "idle_workers": run.idle_workers,
     }
-    peak = peak_flops(trainer.device, trainer.cfg.train.peak_flops)
-    if peak:
-        metrics["mfu"] = flops_per_token(trainer) * metrics["tokens_per_s"] / (peak * trainer.world)
+    if run.peak_flops:
+        metrics["mfu"] = run.flops_per_token * metrics["tokens_per_s"] / (run.peak_flops * run.workers)
     for i, (counts, dropped) in enumerate(zip(result.tokens_per_expert, result.dropped_fraction, strict=False)):
         load = counts.float()
         metrics[f"moe{i}/load_min"] = int(load.min())
@@ -77,57 +103,131 @@ def step_metrics(trainer: Trainer, result: StepResult, lr: float, seconds: float
 
 
 class MetricsWriter:
-    """TensorBoard event files and a metrics.jsonl line per report, kept in the run's
-    storage ``uri`` (a local directory or s3://) beside its checkpoints, so a study or a
-    user reads them from there whichever node rank 0 ran on.
+    """Rank 0's reports as metrics.jsonl lines and TensorBoard events, kept in the run's
+    storage ``uri`` (a local directory or s3://) beside its checkpoints, so that a study or
+    a user reads them there (raymoe.runs.read_metrics) whichever node rank 0 ran on.
 
-    For remote storage the files are written in a local staging directory and copied up
-    (whole objects: S3 has no append) at most every ``sync_seconds``, with every
-    checkpoint and at close; a resumed run first fetches the metrics.jsonl it continues.
+    The training thread only queues a report: the thread ``raymoe-metrics`` writes it, so
+    that no rank waits in the next collective for rank 0's storage. Both files come in
+    parts of up to PART_BYTES, numbered on from the parts already in storage (a resumed
+    run reads nothing back). Local storage is appended to in place. S3 has no append: the
+    parts are written in a local staging directory, and those that grew are copied up (so
+    at most PART_BYTES of each file; a full part is never sent again) at most every
+    ``sync_seconds``, at each ``flush`` and at close. A write that failed (the storage
+    layer's StorageError names the part, in the run's directory) is raised on the training
+    thread by its next call.
     """
 
-    def __init__(self, uri: str | Path, sync_seconds: float = 30.0):
-        from tensorboardX import SummaryWriter
+    sync_seconds = 30.0
 
+    def __init__(self, uri: str | Path):
         self.target = locate(str(uri))
         self.remote = not isinstance(self.target.fs, pafs.LocalFileSystem)
         self.directory = (Path(tempfile.mkdtemp(prefix="raymoe-metrics-")) if self.remote
                           else Path(self.target.path))
-        self.directory.mkdir(parents=True, exist_ok=True)
-        if self.remote and self.target.join(METRICS_FILE).exists():
-            (self.directory / METRICS_FILE).write_bytes(self.target.join(METRICS_FILE).read_bytes())
-        self.tensorboard = SummaryWriter(str(self.directory / "tensorboard"))
-        self.sync_seconds = sync_seconds
-        self.synced: dict[Path, tuple[int, int]] = {}
-        self.last_sync = time.monotonic()
-        self.started = time.monotonic()
+        (self.directory / TENSORBOARD).mkdir(parents=True, exist_ok=True)
+        self._part = max(metrics_parts(self.target.uri), default=-1) + 1
+        self._lines: IO[bytes] | None = None
+        self._events: EventsWriter | None = None
+        self._uploaded: dict[Path, int] = {}
+        """Staged file -> its size when last copied up."""
+        self._queue: queue.Queue[_Report | threading.Event | None] = queue.Queue()
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._work, name="raymoe-metrics", daemon=True)
+        self._thread.start()
+
+    # ---------------------------------------------------------------- the training thread
 
     def write(self, step: int, metrics: dict[str, Any], sync: bool = False) -> None:
-        for key, value in metrics.items():
-            if isinstance(value, (int, float)) and math.isfinite(value):
-                self.tensorboard.add_scalar(key, value, step)
-        self.tensorboard.flush()
-        with open(self.directory / METRICS_FILE, "a") as f:
-            f.write(json.dumps({"step": step, "time": time.time(), **metrics}) + "\n")
-        if sync or time.monotonic() - self.last_sync >= self.sync_seconds:
-            self.sync()
+        """Queue a report; with ``sync``, return once it is in storage (``flush``)."""
+        self._raise_failure()
+        self._queue.put(_Report(step, time.time(), dict(metrics)))
+        if sync:
+            self.flush()
 
-    def sync(self) -> None:
-        """Copy the files that changed since the last sync to the run's storage."""
-        self.last_sync = time.monotonic()
+    def flush(self) -> None:
+        """Wait until every report queued so far is in the run's storage."""
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait()
+        self._raise_failure()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self.remote:
+            shutil.rmtree(self.directory, ignore_errors=True)
+        self._raise_failure()
+
+    def _raise_failure(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    # ---------------------------------------------------------------- the writer thread
+
+    def _work(self) -> None:
+        """Reports in order; an upload ``sync_seconds`` after the first report it carries,
+        at each flush, and the last at the end. Once a write failed, nothing more is written."""
+        due: float | None = None
+        while True:
+            try:
+                item = self._queue.get(timeout=None if due is None else max(due - time.monotonic(), 0.0))
+            except queue.Empty:
+                item = threading.Event()  # the upload that is due: nobody waits for it
+            try:
+                if self._failure is not None:
+                    pass
+                elif isinstance(item, _Report):
+                    self._write(item)
+                    if self.remote and due is None:
+                        due = time.monotonic() + self.sync_seconds
+                else:
+                    if item is None:
+                        self._end_part()
+                    self._upload()
+                    due = None
+            except BaseException as err:  # the training thread raises it
+                self._failure, due = err, None
+            finally:
+                if isinstance(item, threading.Event):
+                    item.set()
+            if item is None:
+                return
+
+    def _write(self, report: _Report) -> None:
+        from tensorboardX.event_file_writer import EventsWriter
+        from tensorboardX.proto.event_pb2 import Event
+        from tensorboardX.proto.summary_pb2 import Summary
+
+        if self._lines is None or self._events is None:
+            self._lines = open(self.directory / metrics_part(self._part), "ab")
+            self._events = EventsWriter(str(self.directory / TENSORBOARD / "events"), f".{self._part:06d}")
+        line = json.dumps({"step": report.step, "time": report.time, **report.metrics}) + "\n"
+        self._lines.write(line.encode())
+        self._lines.flush()
+        scalars = [Summary.Value(tag=key, simple_value=float(value)) for key, value in report.metrics.items()
+                   if isinstance(value, (int, float)) and math.isfinite(value)]
+        self._events.write_event(Event(wall_time=report.time, step=report.step, summary=Summary(value=scalars)))
+        self._events.flush()
+        if self._lines.tell() >= PART_BYTES:
+            self._end_part()
+            self._part += 1
+
+    def _end_part(self) -> None:
+        if self._lines is not None and self._events is not None:
+            self._lines.close()
+            self._events.close()
+        self._lines = self._events = None
+
+    def _upload(self) -> None:
+        """Copy the staged files that grew since their last upload to the run's storage."""
         if not self.remote:
             return
         for path in sorted(p for p in self.directory.rglob("*") if p.is_file()):
-            stat = path.stat()
-            if self.synced.get(path) != (stat.st_size, stat.st_mtime_ns):
+            size = path.stat().st_size
+            if self._uploaded.get(path) != size:
                 self.target.join(*path.relative_to(self.directory).parts).write_bytes(path.read_bytes())
-                self.synced[path] = (stat.st_size, stat.st_mtime_ns)
-
-    def close(self) -> None:
-        self.tensorboard.close()
-        self.sync()
-        if self.remote:
-            shutil.rmtree(self.directory, ignore_errors=True)
+                self._uploaded[path] = size
 
     def progress_line(self, step: int, metrics: dict[str, Any], cfg: TrainConfig, tokens: int) -> str:
         rate = metrics["tokens_per_s"]

@@ -6,13 +6,14 @@ A step whose loss or gradient norm is not finite on any rank is skipped on every
 On a GPU each read of a device value on the host stalls the CPU until the device catches
 up. The step's losses, gradient norm and MoE statistics therefore stay on the device,
 are summed over ranks in one all-reduce, and are read on the host in one copy: the one
-read the step needs, since skipping a non-finite step is a host decision.
+read the step needs, since skipping a non-finite step is a host decision. The caller's
+``summed`` values ride along (the checkpoint cadence's clocks: raymoe.train.cadence).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ from torch.distributed.fsdp import FSDPModule
 from raymoe.model import GPT
 from raymoe.parallel.grads import global_grad_norm, local_grad, reduce_gradients, scale_gradients
 from raymoe.parallel.mesh import Mesh
+from raymoe.train.transfer import to_device
 
 
 @dataclass
@@ -39,14 +41,18 @@ class StepResult:
     tokens_per_expert: list[Tensor] = field(default_factory=list)
     """Per MoE layer, tokens routed to each expert over all ranks and micro-batches (CPU)."""
     dropped_fraction: list[float] = field(default_factory=list)
+    summed: list[float] = field(default_factory=list)
+    """The caller's ``summed`` values, each summed over the ranks."""
 
 
 def train_step(model: GPT, optimizer: torch.optim.Optimizer, mesh: Mesh,
                micro_batches: Iterable[tuple[Tensor, Tensor]], grad_clip: float,
                autocast_dtype: torch.dtype | None = None,
-               sync_every_micro_batch: bool = False) -> StepResult:
+               sync_every_micro_batch: bool = False, summed: Sequence[float] = ()) -> StepResult:
     """Each rank passes its own micro-batches (the same number on every rank); the step
     equals one process taking all ranks' micro-batches with gradient accumulation.
+    ``summed``: host values (as many on every rank) to sum over the ranks with the step's
+    statistics, in its all-reduce.
 
     A sharded model reduce-scatters its gradients after the last micro-batch only
     (FSDP accumulates them unsharded until then), or after each one when
@@ -71,14 +77,17 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, mesh: Mesh,
     reduce_gradients(model, mesh)
     norm = global_grad_norm(model, mesh)
     # float64 holds counts exactly up to 2**53: one tensor, one all-reduce, one host read.
-    summary = torch.cat([means.double() / mesh.dp_size, counts.flatten().double()])
+    callers = to_device(torch.tensor(summed, dtype=torch.float64), device)
+    summary = torch.cat([means.double() / mesh.dp_size, counts.flatten().double(), callers])
     if mesh.is_distributed:
         dist.all_reduce(summary)
     host = torch.cat([summary, norm.double().reshape(1)]).tolist()  # the step's host sync
     loss, lm_loss, l_aux = host[:3]
+    counts_end = 3 + layers + layers * experts
     result = StepResult(loss, lm_loss, l_aux, host[-1], dropped_fraction=host[3:3 + layers],
-                        tokens_per_expert=list(torch.tensor(host[3 + layers:-1], dtype=torch.long)
-                                               .view(layers, experts)))
+                        tokens_per_expert=list(torch.tensor(host[3 + layers:counts_end], dtype=torch.long)
+                                               .view(layers, experts)),
+                        summed=host[counts_end:-1])
     if not all(math.isfinite(v) for v in (loss, lm_loss, l_aux, result.grad_norm)):
         result.skipped = True
         result.diagnosis = _diagnose(model, result)
