@@ -190,8 +190,14 @@ class TrainConfig:
     """A fast local directory on every worker node (the NVMe disks of a p4d) where each rank
     writes its checkpoint files before they are uploaded to storage in the background;
     empty: the system's temporary directory."""
-    max_failures: int = 0
-    """Worker-group restarts after a worker dies, each from the latest checkpoint."""
+    max_failures: int = 3
+    """Worker-group restarts after a worker error (a worker that died, a node lost without a
+    warning), each from the latest checkpoint; -1: no limit. The user's errors (a corrupt
+    shard, a config that does not fit, a storage permission error: raymoe.errors.RaymoeError)
+    end the run at once and are never retried (raymoe.train.failures)."""
+    max_preemptions: int = -1
+    """Restarts after a node was preempted (a spot node warned and taken), counted apart
+    from max_failures; -1: no limit."""
     nan_tolerance: int = 5
     """Consecutive steps with a non-finite loss or gradient that are skipped before stopping."""
     storage: str = "runs"
@@ -246,6 +252,8 @@ class Config:
             _require(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
         _require(t.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes",
                  f"must be >= 0 (0: by steps only), got {t.checkpoint_every_minutes}")
+        for key in ("max_failures", "max_preemptions"):
+            _require(getattr(t, key) >= -1, f"train.{key}", f"must be >= 0, or -1 for no limit, got {getattr(t, key)}")
         _require(par.ep_size >= 1, "parallel.ep_size", "must be >= 1")
         if par.elastic:
             _validate_elastic(self)
@@ -289,9 +297,6 @@ def _validate_elastic(cfg: Config) -> None:
              f"not split evenly over {low}; choose a MIN that divides {micro_batches}")
     _require(par.resize_check_seconds > 0, "parallel.resize_check_seconds",
              f"must be > 0, got {par.resize_check_seconds}")
-    _require(t.max_failures != 0, "train.max_failures",
-             f"an elastic run (parallel.num_workers [{low}, {high}]) restarts when a node is lost, "
-             "which counts as a failure: set train.max_failures >= 1 (or -1 for no limit)")
 
 
 def _require(ok: bool, key: str, problem: str) -> None:
@@ -481,11 +486,13 @@ def _reference(name: str, n_layer: int, d_model: int, n_head: int, *, lr: float,
                grad_sync: str = "last_micro_batch") -> dict[str, Any]:
     """A model of the DeepSpeed-MoE NLG paper with the public scripts' recipe (activation
     checkpointing on, as they ran), sharded (FSDP) so that it fits an A100 40 GB; on 128
-    GPUs, elastic down to 64 (spot nodes), checkpointing every 30 minutes."""
+    GPUs, elastic down to 64 (spot nodes), checkpointing every 30 minutes. Every model
+    trains 300B tokens; the scripts decay a dense model's learning rate over 260B of them
+    (GPT-3's schedule) to 10% of its peak, a MoE model's over all 300B to 1%."""
     moe = {"num_experts": experts, "every": 2, "top_k": 1, "capacity_factor": 1.0,
            "eval_capacity_factor": 1.0, "min_capacity": 4, "drop_tokens": True,
            "use_rts": True, "loss_coef": 0.01}
-    tokens = 300_000_000_000 if experts else 260_000_000_000
+    decay_tokens = 300_000_000_000 if experts else 260_000_000_000
     return {
         "name": name,
         "model": {"vocab_size": 50257, "pad_vocab_to": 128, "seq_len": 2048, "n_layer": n_layer,
@@ -493,10 +500,12 @@ def _reference(name: str, n_layer: int, d_model: int, n_head: int, *, lr: float,
                   "activation_checkpointing": True, "moe": moe},
         "parallel": {"num_workers": [64, 128], "ep_size": min(experts, 128) if experts else 1,
                      "use_gpu": True, "shard": "fsdp", "grad_sync": grad_sync},
-        "optim": {"lr": lr, "min_lr_ratio": 0.01, "betas": [0.9, 0.95], "weight_decay": 0.1,
-                  "grad_clip": 1.0, "warmup_tokens": 375_000_000, "decay_tokens": tokens},
+        "optim": {"lr": lr, "min_lr_ratio": 0.01 if experts else 0.1, "betas": [0.9, 0.95],
+                  "weight_decay": 0.1, "grad_clip": 1.0, "warmup_tokens": 375_000_000,
+                  "decay_tokens": decay_tokens},
         "train": {"global_batch": batch, "micro_batch": 2 if batch == 256 else 4,
-                  "total_tokens": tokens, "max_failures": -1, "checkpoint_every_minutes": 30},
+                  "total_tokens": 300_000_000_000, "checkpoint_every_minutes": 30,
+                  "checkpoint_staging": "/mnt/nvme/raymoe"},  # the NVMe RAID of cluster/aws.yaml
     }
 
 

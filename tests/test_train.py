@@ -17,8 +17,7 @@ from one_process import run_losses, train_in_one_process
 
 from raymoe.config import load_config
 from raymoe.data.storage import StorageError, locate
-from raymoe.parallel.checkpoint import missing_files
-from raymoe.runs import latest_checkpoint
+from raymoe.runs import latest_checkpoint, missing_files, read_metrics
 from raymoe.train.capacity import ClusterTooSmallError
 from raymoe.train.launcher import train_on_ray
 
@@ -65,11 +64,9 @@ def _kill_a_worker_past_a_checkpoint(run_dir: Path, killed: list[int]) -> None:
     """Once a checkpoint is complete and a later step logged, SIGKILL one training worker
     of the session's Ray cluster (only its own: other clusters may run on the machine)."""
     deadline = time.monotonic() + 240
-    metrics_file = run_dir / "metrics" / "metrics.jsonl"
     while time.monotonic() < deadline:
         saved = [int(p.parent.name[5:]) for p in run_dir.glob("step-*/manifest.json")]
-        if saved and metrics_file.is_file() and any(json.loads(line).get("step", 0) > max(saved)
-                                                    for line in metrics_file.read_text().splitlines()):
+        if saved and any(r.get("step", 0) > max(saved) for r in read_metrics(str(run_dir / "metrics"))):
             for pid, command in session_ray_processes():
                 if "RayTrainWorker" in command:
                     os.kill(pid, signal.SIGKILL)
@@ -97,8 +94,7 @@ def test_an_elastic_group_too_large_for_the_batch_trains_on_part_and_a_killed_wo
     assert result.error is None and result.metrics["step"] == REFERENCE_STEPS
     assert_same_losses(run_losses(tmp_path / "elastic"), expected, range(1, REFERENCE_STEPS + 1))
     assert final_cursor(result) == cursor  # the same sequences, none twice
-    records = [json.loads(line) for line in
-               (tmp_path / "elastic" / "metrics" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(str(tmp_path / "elastic" / "metrics"))
     assert {(r["workers"], r["ep_size"], r["idle_workers"]) for r in records if "lm_loss" in r} == {
         (2, 2, 1)}
     restarts = [r["resumed_from"] for r in records if "resumed_from" in r]
@@ -108,8 +104,7 @@ def test_an_elastic_group_too_large_for_the_batch_trains_on_part_and_a_killed_wo
 
 
 def s3_records(s3_server, run: str) -> list[dict]:
-    with s3_server["fs"].open_input_stream(f"{s3_server['bucket']}/runs/{run}/metrics/metrics.jsonl") as f:
-        return [json.loads(line) for line in f.read().decode().splitlines()]
+    return read_metrics(f"s3://{s3_server['bucket']}/runs/{run}/metrics")
 
 
 def _stop_mid_upload(server, run: str, stopped: list[str]) -> None:
@@ -189,20 +184,84 @@ def test_too_many_workers_fail_fast_with_the_numbers(dataset, tmp_path):
         train_on_ray(cfg)
 
 
-def test_a_workers_error_reaches_the_user_as_one_line(tmp_path, dataset):
-    """Ray Train wraps a worker's exception in a WorkerGroupError; the user's error inside
-    it is found and printed as itself (the driver's own check is bypassed here on purpose,
-    so that the worker meets the missing dataset)."""
+def _row_group_first_read_after(dataset: Path, cfg, step: int, limit: int = 300) -> tuple[str, int, int]:
+    """The first (shard path, row group, step) that one rank's reader first reads after
+    ``step`` (counted in this process in the trainer's reading order, read-ahead included):
+    a lane moves to its next row group every few hundred steps."""
+    from raymoe.data.shards import PreparedDataset, ShardFile
+    from raymoe.data.stream import SequenceReader
+
+    reads: list[tuple[str, int, int]] = []
+    batches_taken = [0]
+    original = ShardFile.read_row_group
+
+    def recording(self, index):
+        reads.append((self.name, index, batches_taken[0]))
+        return original(self, index)
+
+    ShardFile.read_row_group = recording
+    try:
+        with SequenceReader(PreparedDataset.open(str(dataset)), "train", 0, 1, cfg.train.global_batch,
+                            seed=cfg.data.seed, window=cfg.data.shuffle_window) as reader:
+            while batches_taken[0] < limit:
+                reader.next_batch(cfg.train.global_batch)
+                batches_taken[0] += 1
+    finally:
+        ShardFile.read_row_group = original
+    first: dict[tuple[str, int], int] = {}
+    for name, index, at in reads:
+        first.setdefault((name, index), at)
+    name, index, at = next((*key, at) for key, at in first.items() if at > step)
+    return str(Path(name).relative_to(dataset)), index, at
+
+
+def _corrupt_row_group(path: Path, index: int) -> None:
+    import pyarrow.parquet as pq
+
+    column = pq.ParquetFile(path).metadata.row_group(index).column(0)
+    data = bytearray(path.read_bytes())
+    data[column.data_page_offset + column.total_compressed_size // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def test_a_users_error_mid_run_ends_it_at_once_as_one_line(tmp_path, dataset):
+    """A corrupt row group that the run first reads mid-run, past its first checkpoints,
+    with train.max_failures=3: the worker's DatasetError ends the run at the first attempt
+    (a retry would resume from a checkpoint, and meet the same row group again), and the
+    user gets it as one line out of Ray's WorkerGroupError."""
+    import shutil
+
     from raymoe.cli import describe_error
     from raymoe.data.shards import DatasetError
     from raymoe.errors import find_cause
 
-    cfg = config(tmp_path / "missing", str(tmp_path), "missing-data", "parallel.num_workers=1")
+    copy = tmp_path / "data"
+    shutil.copytree(dataset, copy)
+    settings = [*NO_RTS, "parallel.num_workers=1", "train.max_failures=3", "train.checkpoint_every=2"]
+    shard, row_group, step = _row_group_first_read_after(copy, config(copy, "", "", *settings), 4)
+    _corrupt_row_group(copy / shard, row_group)
+    cfg = config(copy, str(tmp_path), "corrupt", *settings, f"train.max_steps={step + 4}")
     with pytest.raises(Exception) as caught:
-        result = train_on_ray(cfg)
-        if result.error is not None:
-            raise result.error
+        train_on_ray(cfg)
     found = find_cause(caught.value, DatasetError)
     assert found is not None, caught.value
-    assert describe_error(found) == f"DatasetError: {tmp_path / 'missing'}: no manifest.json; " \
-                                    "not a prepared dataset, or its preparation did not finish"
+    line = describe_error(found)
+    assert line.startswith(f"DatasetError: shard {copy / shard}: row group {row_group}") \
+        and "corrupt or replaced" in line and "\n" not in line, line
+    records = read_metrics(str(tmp_path / "corrupt" / "metrics"))
+    assert latest_checkpoint(str(tmp_path / "corrupt")) is not None  # a retry would have resumed
+    assert not [r for r in records if "resumed_from" in r], "the run was retried"
+    assert max(r["step"] for r in records if "lm_loss" in r) < step + 4
+
+
+def test_a_staging_directory_that_cannot_be_made_fails_at_start_naming_the_key(tmp_path):
+    from raymoe.runs import CheckpointError
+    from raymoe.train.launcher import RayTrainHooks
+
+    blocked = tmp_path / "file"
+    blocked.write_text("a file where the staging directory should be")
+    with pytest.raises(CheckpointError, match=f"^train.checkpoint_staging={blocked / 'nvme'}: cannot create "
+                                              "a checkpoint staging directory on node"):
+        RayTrainHooks(str(tmp_path / "run"), staging=str(blocked / "nvme"))
+    RayTrainHooks(str(tmp_path / "run"), staging=str(tmp_path / "nvme"))
+    assert list((tmp_path / "nvme").iterdir()) == []  # the check leaves nothing behind

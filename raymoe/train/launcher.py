@@ -22,20 +22,18 @@ from ray.train import (
     Checkpoint,
     CheckpointConfig,
     CheckpointUploadMode,
-    FailureConfig,
     LoggingConfig,
     RunConfig,
     ScalingConfig,
 )
-from ray.train.torch import TorchConfig, TorchTrainer
+from ray.train.torch import TorchConfig
 
 from raymoe.config import Config, DataConfig, config_from_dict
-from raymoe.data.storage import StorageError, is_s3, locate
-from raymoe.errors import RaymoeError, find_cause
-from raymoe.parallel.checkpoint import CheckpointError
+from raymoe.data.storage import is_s3, locate
 from raymoe.plan import check_fits, device_hardware
-from raymoe.runs import absolute, latest_checkpoint, resumable, run_location
+from raymoe.runs import CheckpointError, absolute, latest_checkpoint, resumable, run_location, step_name
 from raymoe.train.capacity import WaitPolicy, WorkerGroupDemand, worker_group_capacity
+from raymoe.train.failures import RaymoeTorchTrainer, RunStorage, failure_budgets, name_out_of_memory
 from raymoe.train.layout import layout_config, plan_layout
 
 
@@ -50,6 +48,7 @@ class RayTrainHooks:
 
     def __init__(self, run_uri: str, staging: str = "", log: Callable[[str], None] = print):
         self.run_uri, self.staging, self.log = run_uri, staging, log
+        os.rmdir(staging_directory(staging, "raymoe-check-"))  # a bad path fails now, not at the first save
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[str | None]:
@@ -73,14 +72,14 @@ class RayTrainHooks:
         return found
 
     def new_checkpoint_dir(self, step: int) -> Path:
-        return Path(staging_directory(self.staging, f"raymoe-step-{step:08d}-"))
+        return Path(staging_directory(self.staging, f"raymoe-{step_name(step)}-"))
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)),
-                         checkpoint_dir_name=f"step-{step:08d}",
+                         checkpoint_dir_name=step_name(step),
                          checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
                          delete_local_checkpoint_after_upload=True)
 
@@ -126,12 +125,15 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
         idle_until_done,
     )
     from raymoe.train.loop import Trainer
+    from raymoe.train.network import warn_without_efa
 
     quiet_ray()
     cfg = config_from_dict(loop_config["config"])
     log = logging.getLogger("raymoe").info  # Ray Train sends worker logs to the console once
     context = ray.train.get_context()
     rank = context.get_world_rank()
+    if cfg.parallel.use_gpu and context.get_local_rank() == 0:  # once per node
+        warn_without_efa(logging.getLogger("raymoe").warning)
     layout = plan_layout(cfg, context.get_world_size())
     members = gather_nodes(rank)
     if rank == 0:
@@ -150,8 +152,11 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
                   if rank == 0 else None)
     checkpoints = RayTrainHooks(loop_config["run_uri"], cfg.train.checkpoint_staging, log)
     hooks = ElasticHooks(checkpoints, layout.idle > 0, resize_log)
-    with hooks.training():
-        Trainer(cfg, hooks, device, loop_config["metrics_uri"], log=log, idle_workers=layout.idle).run()
+    try:
+        with hooks.training():
+            Trainer(cfg, hooks, device, loop_config["metrics_uri"], log=log, idle_workers=layout.idle).run()
+    except torch.OutOfMemoryError as err:
+        raise name_out_of_memory(err, rank, cfg.train.micro_batch) from err
 
 
 def check_gpu_fits(cfg: Config, device: torch.device) -> None:
@@ -185,8 +190,10 @@ def train_on_ray(cfg: Config, wait: WaitPolicy = "auto", timeout: float = 1800.0
                                "resources_per_worker": {"CPU": par.cpus_per_worker}}
     if par.elastic:
         scaling["elastic_resize_monitor_interval_s"] = par.resize_check_seconds
-    trainer = TorchTrainer(
-        _train_worker,
+    # S3 names keys without the bucket: the run's directory is what both name
+    run_storage = RunStorage(where.uri, f"{Path(storage.path).name}/{where.name}")
+    trainer = RaymoeTorchTrainer(
+        run_storage, _train_worker,
         train_loop_config={"config": cfg.to_dict(), "run_uri": where.uri, "metrics_uri": where.metrics_uri,
                            "resize_key": resize_key},
         torch_config=TorchConfig(backend="nccl" if par.use_gpu else "gloo"),
@@ -196,7 +203,7 @@ def train_on_ray(cfg: Config, wait: WaitPolicy = "auto", timeout: float = 1800.0
             name=where.name, storage_path=storage.path,
             storage_filesystem=storage.fs if is_s3(where.storage) else None,
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            failure_config=failure_budgets(cfg.train),
             # Train V2's RunConfig (Ray 2.60's default) has logging_config; mypy reads V1's.
             logging_config=LoggingConfig(log_level="WARNING"), callbacks=callbacks),  # type: ignore[call-arg]
     )
@@ -206,25 +213,9 @@ def train_on_ray(cfg: Config, wait: WaitPolicy = "auto", timeout: float = 1800.0
         try:
             return trainer.fit()
         except Exception as err:
-            # S3 names keys without the bucket: the run's directory is what both name
-            failure = _storage_failure(err, where.uri, f"{Path(storage.path).name}/{where.name}")
+            failure = run_storage.failure(err)
             if failure is None:
                 raise
             raise failure from err
         finally:
             _internal_kv_del(resize_key.encode())
-
-
-def _storage_failure(err: Exception, uri: str, run_dir: str) -> StorageError | None:
-    """A run that failed because its storage did (S3 unreachable while a checkpoint or
-    metrics were uploaded: an OSError that names ``run_dir``): the user's error, one line
-    naming the run, instead of Ray's failure around pyarrow's. None for any other failure."""
-    users = find_cause(err, RaymoeError)
-    if users is not None and not isinstance(users, StorageError):
-        return None
-    failed = users or find_cause(err, OSError)
-    if failed is None or run_dir not in str(failed):
-        return None
-    first_line = str(failed).strip().splitlines()[0]
-    return StorageError(f"{uri}: the run's storage failed (the last complete checkpoint is kept; "
-                        f"run the same command again to resume from it): {first_line}")

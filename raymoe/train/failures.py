@@ -1,0 +1,103 @@
+"""What a failed worker group costs: the user's errors end the run at the first attempt;
+other worker errors are retried up to ``train.max_failures`` and preemptions up to
+``train.max_preemptions``, each from the latest checkpoint.
+
+A corrupt shard, a checkpoint from another model, a storage permission error, a GPU the
+config does not fit: each comes back after a resume, so retrying it restarts the whole
+worker group (128 GPUs) from the same checkpoint for nothing, as often as the budget allows.
+Ray Train 2.60 retries every worker error alike and builds its failure policy from the
+FailureConfig alone; ``RaymoeTorchTrainer`` is the one place that gives it this policy
+instead (``_initialize_and_run_controller`` is Ray's internal entry point, stable across
+the pinned ray==2.60.*)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.execution.failure_handling import DefaultFailurePolicy, FailureDecision
+from ray.train.v2._internal.execution.failure_handling.default import _is_preemption_failure
+from ray.train.v2.api.config import FailureConfig
+from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
+
+from raymoe.config import TrainConfig
+from raymoe.data.storage import StorageError
+from raymoe.errors import RaymoeError, find_cause
+
+logger = logging.getLogger(__name__)
+
+
+class OutOfDeviceMemory(RaymoeError):
+    """A rank ran out of GPU memory: the config does not fit the GPU at its micro-batch;
+    a restart would run out again at the same step."""
+
+
+def name_out_of_memory(err: torch.OutOfMemoryError, rank: int, micro_batch: int) -> OutOfDeviceMemory:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else "out of memory"
+    return OutOfDeviceMemory(f"rank {rank}: out of GPU memory at train.micro_batch={micro_batch} "
+                             f"({first_line}); `raymoe plan CONFIG --gpu GPU` shows the memory plan: "
+                             "lower train.micro_batch, or raise parallel.ep_size for the experts")
+
+
+def failure_budgets(train: TrainConfig) -> FailureConfig:
+    """Ray Train's budgets: worker errors and preemptions counted apart."""
+    return FailureConfig(max_failures=train.max_failures, max_preemption_failures=train.max_preemptions)
+
+
+@dataclass(frozen=True)
+class RunStorage:
+    """Where a run's checkpoints and metrics go: ``uri`` as the user named it, ``run_dir``
+    as both pyarrow's S3 and local errors name it (S3 keys come without the bucket)."""
+
+    uri: str
+    run_dir: str
+
+    def failure(self, err: BaseException) -> StorageError | None:
+        """A run that failed because its storage did (S3 unreachable or refusing while a
+        checkpoint or metrics were written: an OSError that names the run's directory):
+        the user's error, one line naming the run, instead of Ray's failure around
+        pyarrow's. None for any other failure."""
+        users = find_cause(err, RaymoeError)
+        if users is not None and not isinstance(users, StorageError):
+            return None
+        failed = users or find_cause(err, OSError)
+        if failed is None or self.run_dir not in str(failed):
+            return None
+        first_line = str(failed).strip().splitlines()[0]
+        return StorageError(f"{self.uri}: the run's storage failed (the last complete checkpoint is kept; "
+                            f"run the same command again to resume from it): {first_line}")
+
+
+class UsersErrorsEndTheRun(DefaultFailurePolicy):
+    """Ray's budgets, except that a worker group failure caused by a RaymoeError or by the
+    run's storage (not a preemption's collateral) is raised at once, never retried."""
+
+    def __init__(self, failure_config: FailureConfig, storage: RunStorage):
+        super().__init__(failure_config)
+        self.storage = storage
+
+    def make_decision(self, training_failed_error: TrainingFailedError) -> FailureDecision:
+        if (isinstance(training_failed_error, WorkerGroupError)
+                and not _is_preemption_failure(training_failed_error)):
+            users = self.storage.failure(training_failed_error) or find_cause(training_failed_error, RaymoeError)
+            if users is not None:
+                logger.warning("the run stops (the user's error, not retried): %s", users)
+                return FailureDecision.RAISE
+        return super().make_decision(training_failed_error)
+
+
+class RaymoeTorchTrainer(TorchTrainer):
+    """A TorchTrainer whose controller follows UsersErrorsEndTheRun for the run's storage."""
+
+    def __init__(self, storage: RunStorage, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.storage = storage
+
+    def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
+        budgets = self.run_config.failure_config or FailureConfig()
+        kwargs["failure_policy"] = UsersErrorsEndTheRun(budgets, self.storage)  # type: ignore[arg-type]
+        # Train V2's TorchTrainer (Ray 2.60's default) has it; mypy reads V1's.
+        return super()._initialize_and_run_controller(**kwargs)  # type: ignore[misc]
