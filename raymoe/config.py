@@ -198,6 +198,10 @@ class TrainConfig:
     max_preemptions: int = -1
     """Restarts after a node was preempted (a spot node warned and taken), counted apart
     from max_failures; -1: no limit."""
+    preemption_save_seconds: float = 60.0
+    """Seconds a just-in-time checkpoint needs, written and uploaded, before a warned node
+    goes (AWS warns spot nodes 120 s ahead): the ranks save when the deadline is this
+    close (and two steps), then hold until the node is gone (raymoe.train.preemption)."""
     nan_tolerance: int = 5
     """Consecutive steps with a non-finite loss or gradient that are skipped before stopping."""
     storage: str = "runs"
@@ -252,6 +256,8 @@ class Config:
             _require(getattr(t, key) >= 1, f"train.{key}", "must be >= 1")
         _require(t.checkpoint_every_minutes >= 0, "train.checkpoint_every_minutes",
                  f"must be >= 0 (0: by steps only), got {t.checkpoint_every_minutes}")
+        _require(t.preemption_save_seconds >= 0, "train.preemption_save_seconds",
+                 f"must be >= 0, got {t.preemption_save_seconds}")
         for key in ("max_failures", "max_preemptions"):
             _require(getattr(t, key) >= -1, f"train.{key}", f"must be >= 0, or -1 for no limit, got {getattr(t, key)}")
         _require(par.ep_size >= 1, "parallel.ep_size", "must be >= 1")

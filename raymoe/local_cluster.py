@@ -1,8 +1,8 @@
 """A multi-node Ray cluster on this machine, shaped like the shipped cluster YAML: a head
 that offers no CPU (`ray start --head --num-cpus=0`) with token authentication, and
 worker nodes that join it (`ray start --address`), each with its own resources, ports and
-temp dir; a node is lost as a spot node is, by killing its raylet. The multi-node tests
-and bench/elastic.py run on it.
+temp dir; a node is lost as a spot node is, by killing its raylet (after the warning a
+spot node gets, if wanted). The multi-node tests and bench/elastic.py run on it.
 
 The caller never joins this cluster: it runs raymoe as subprocesses (the CLI, or Ray
 jobs), so any other Ray cluster of the caller's is untouched. Stopped by ending exactly
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import signal
 import socket
@@ -122,6 +123,23 @@ class MultiNodeCluster:
                 os.kill(proc.info["pid"], signal.SIGKILL)
                 return proc.info["pid"]
         raise RuntimeError(f"no raylet of {directory} is running")
+
+    def node_id(self, index: int) -> str:
+        """Worker node ``index``'s Ray node id, as its raylet logged it."""
+        for log in self.root.glob(f"{self.workers[index].name}-*/session_*/logs/raylet.out"):
+            found = re.search(r"Setting node ID node_id=(\w+)", log.read_text(errors="replace"))
+            if found:
+                return found.group(1)
+        raise RuntimeError(f"no raylet log of {self.workers[index]} names its node id")
+
+    def warn_preemption(self, index: int, seconds: int) -> None:
+        """Warn that worker node ``index`` goes in ``seconds``, as the autoscaler warns of a
+        spot node's reclaim (a drain with a deadline; the node stays until killed)."""
+        subprocess.run([str(BIN / "ray"), "drain-node", f"--address={self.address}",
+                        f"--node-id={self.node_id(index)}", "--reason=DRAIN_NODE_REASON_PREEMPTION",
+                        "--reason-message=spot instance reclaimed",
+                        f"--deadline-remaining-seconds={seconds}"],
+                       env=self.env(), check=True, capture_output=True, text=True, timeout=60)
 
     def raymoe(self, *args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
         """The raymoe command, run from ``cwd``, its output captured."""

@@ -116,12 +116,14 @@ ELASTIC_STEPS = 64
 ELASTIC = [*SMALL[:-2], "model.moe.use_rts=false", "optim.lr=1e-4", "train.micro_batch=2",
            "train.eval_every=1000", "train.checkpoint_every=4", "train.keep_checkpoints=100",
            "parallel.num_workers=[2, 4]", "parallel.ep_size=2", "parallel.cpus_per_worker=1.5",
-           "parallel.resize_check_seconds=5", "train.max_failures=3"]
+           "parallel.resize_check_seconds=5", "train.max_failures=3", "train.preemption_save_seconds=5"]
 """A step is 4 micro-batches of 2: 4 workers (EP 2, 2 data-parallel replicas) or 2 (EP 2);
 3 would idle one. Each layout sums in another order, so the last bits differ, and training
 amplifies that by the learning rate: at the preset's 2e-3 the losses of 86 steps were
 2.4e-4 apart (another batch of data moves them by far more than 1e-4 at any rate). Every
 checkpoint is kept, for the checks of what each resume read."""
+PREEMPTION_WARNING = 20
+"""Seconds between a spot node's warning and its loss (AWS: 120)."""
 PACE = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "1.0", "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "10"}
 """The job's environment: a report a step, taken by the controller once a second, holds
 the run to about a step a second, so that a joining node (5 s on a quiet machine, up to a
@@ -146,8 +148,10 @@ def test_an_elastic_job_waits_for_a_node_grows_and_shrinks_with_the_nodes_and_a_
     """An elastic job ([2, 4] workers of 1.5 CPU) submitted while the cluster has no worker
     node waits; a node joins 10 s later and the job trains on 2 workers (EP 2); a second node
     joins and the group grows to 4 (EP 2, two a node), each rank reading only its part of the
-    2-worker checkpoint from S3; that node is lost and the group shrinks to 2 again, and
-    trains to the end. A new driver in a fresh directory then resumes the run from S3 alone,
+    2-worker checkpoint from S3; that node is reclaimed as a spot node is (warned, then
+    gone at the deadline): the group saves a just-in-time checkpoint as late as is safe and
+    holds, shrinks to 2 once the node is gone, resumes from that checkpoint redoing no step,
+    and trains to the end. A new driver in a fresh directory then resumes the run from S3 alone,
     without Ray's record of the run, each rank again reading only its part. Every step's
     loss is the uninterrupted run's, and the last data cursor too: no sequence skipped or
     trained twice through three resizes and a resume."""
@@ -185,6 +189,14 @@ def test_an_elastic_job_waits_for_a_node_grows_and_shrinks_with_the_nodes_and_a_
     wait_until(lambda: 2 in saved().values(), 300, "a checkpoint of the group of 2")
     cluster.add_worker(WORKER_CPUS, memory_gib=2)
     wait_until(lambda: 4 in saved().values(), 300, "a checkpoint of the group of 4")
+    # The second node is a spot node reclaimed: warned 20 s ahead (as the autoscaler drains
+    # it), then gone at the deadline. The group saves when the deadline is its
+    # preemption_save_seconds and two steps away, and holds.
+    warned = time.time()
+    cluster.warn_preemption(1, PREEMPTION_WARNING)
+    wait_until(lambda: "saved before the preemption" in jobs.logs(job), PREEMPTION_WARNING,
+               "the just-in-time checkpoint")
+    time.sleep(max(0.0, warned + PREEMPTION_WARNING - time.time()))
     cluster.kill_raylet(1)
     status = jobs.wait(job, timeout=600)
     output = jobs.logs(job)
@@ -196,8 +208,12 @@ def test_an_elastic_job_waits_for_a_node_grows_and_shrinks_with_the_nodes_and_a_
                      r"from step (\d+)", output)
     shrink = re.search(r"resize: lost node\(s\) \w{8} \(4 -> 2 workers\): 4 workers, EP 2, 1 "
                        r"micro-batch of 2 each -> 2 workers, EP 2, 2 micro-batches of 2 each; resumed "
-                       r"from step (\d+) \(the previous group reached step \d+\); [\d.]+ s lost", output)
+                       r"from step (\d+) \(the previous group reached step (\d+)\); [\d.]+ s lost", output)
     assert shrink and grow, output[-5000:]
+    # resumed from the just-in-time checkpoint, redoing at most one step
+    held = re.search(r"step (\d+): saved before the preemption \(\d+ s left\); holding", output)
+    assert held and int(shrink.group(1)) == int(held.group(1)), output[-5000:]
+    assert int(shrink.group(2)) - int(shrink.group(1)) <= 1, shrink.group(0)
     final = json.loads(s3["read"](f"runs/elastic/step-{ELASTIC_STEPS:08d}/manifest.json"))
     assert final["world_size"] == 2 and final["extra"]["tokens"] == ELASTIC_STEPS * 8 * 32
 

@@ -148,10 +148,11 @@ class ElasticHooks:
     def new_checkpoint_dir(self, step: int) -> Path:
         return self.inner.new_checkpoint_dir(step)
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int,
+               wait_for_upload: bool = False) -> None:
         if self.announce:
             broadcast_from_rank_zero(True)
-        self.inner.report(metrics, checkpoint_dir, step)
+        self.inner.report(metrics, checkpoint_dir, step, wait_for_upload)
 
     def on_step(self, step: int, seconds: float, saved: bool) -> None:
         if self.resize_log is not None:

@@ -74,13 +74,14 @@ class RayTrainHooks:
     def new_checkpoint_dir(self, step: int) -> Path:
         return Path(staging_directory(self.staging, f"raymoe-{step_name(step)}-"))
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int,
+               wait_for_upload: bool = False) -> None:
         if checkpoint_dir is None:
             ray.train.report(metrics)
             return
+        mode = CheckpointUploadMode.SYNC if wait_for_upload else CheckpointUploadMode.ASYNC
         ray.train.report(metrics, checkpoint=Checkpoint.from_directory(str(checkpoint_dir)),
-                         checkpoint_dir_name=step_name(step),
-                         checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+                         checkpoint_dir_name=step_name(step), checkpoint_upload_mode=mode,
                          delete_local_checkpoint_after_upload=True)
 
     def on_step(self, step: int, seconds: float, saved: bool) -> None:

@@ -38,6 +38,7 @@ from raymoe.train.metrics import (
     step_metrics,
 )
 from raymoe.train.optim import build_optimizer, learning_rate, set_learning_rate
+from raymoe.train.preemption import PreemptionGuard
 from raymoe.train.preflight import open_training_data
 from raymoe.train.step import train_step
 from raymoe.train.transfer import to_device
@@ -54,8 +55,10 @@ class RunHooks(Protocol):
     def new_checkpoint_dir(self, step: int) -> Path:
         """Where this rank writes the files of the checkpoint of ``step``."""
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
-        """Publish metrics (and a written checkpoint)."""
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int,
+               wait_for_upload: bool = False) -> None:
+        """Publish metrics (and a written checkpoint: in storage before returning when
+        ``wait_for_upload``, else uploaded in the background)."""
 
     def on_step(self, step: int, seconds: float, saved: bool) -> None:
         """After every trained step (``saved``: a checkpoint of it was written)."""
@@ -84,7 +87,8 @@ class FileHooks:
     def new_checkpoint_dir(self, step: int) -> Path:
         return step_directory(self.run_dir, step)
 
-    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int) -> None:
+    def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int,
+               wait_for_upload: bool = False) -> None:
         if checkpoint_dir is None or self.rank != 0:
             return
         for old in map(Path, complete_checkpoints(str(self.run_dir))[:-self.keep]):
@@ -119,6 +123,8 @@ class Trainer:
         self.step, self.tokens, self.skipped, self.consecutive_nan = 0, 0, 0, 0
         resumed = self._resume()
         self.cadence = CheckpointCadence(cfg.train, resumed.get("saved_at") if resumed else None)
+        self.preemption = PreemptionGuard(cfg.train.preemption_save_seconds,
+                                          log if self.rank == 0 else lambda _: None)
         self.reader = self._reader("train", cfg.train.global_batch,
                                    Cursor.from_dict(resumed["cursor"]) if resumed else None)
 
@@ -187,6 +193,7 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.train
         tokens_per_step = t.global_batch * cfg.model.seq_len
         timer = StepTimer()
+        seconds = 0.0
         validation = float("nan")
         last_loss = float("nan")
         if self.rank == 0:
@@ -202,7 +209,7 @@ class Trainer:
             result = train_step(self.model, self.optimizer, self.mesh, self._micro_batches(),
                                 cfg.optim.grad_clip, autocast_dtype(self.device),
                                 cfg.parallel.grad_sync == "every_micro_batch",
-                                summed=[self.cadence.elapsed()])
+                                summed=[self.cadence.elapsed(), *self.preemption.scalars(seconds)])
             seconds = timer.stop()
             self.step += 1
             if result.skipped:
@@ -218,21 +225,25 @@ class Trainer:
             if self.step % t.eval_every == 0 or self._done():
                 validation = self.validate()
                 metrics.update(val_loss=validation, val_perplexity=math.exp(min(validation, 50.0)))
+            warning = self.preemption.agree(result.summed[1:], self.world)
+            just_in_time = self.preemption.checkpoint_now(warning)
             checkpoint = None
-            if self._done() or self.cadence.due(self.step, result.summed[0] / self.world):
+            if self._done() or just_in_time or self.cadence.due(self.step, result.summed[0] / self.world):
                 checkpoint = self.save()
             self.hooks.on_step(self.step, seconds, checkpoint is not None)
             if metrics or checkpoint is not None:
                 metrics.update(step=self.step, tokens=self.tokens)
-                self._publish(metrics, checkpoint)
+                self._publish(metrics, checkpoint, wait_for_upload=just_in_time)
+            if just_in_time and not self._done():
+                self.preemption.hold(warning, self.step)
         return TrainSummary(self.step, self.tokens, last_loss, validation, self.skipped)
 
-    def _publish(self, metrics: dict[str, Any], checkpoint: Path | None) -> None:
+    def _publish(self, metrics: dict[str, Any], checkpoint: Path | None, wait_for_upload: bool = False) -> None:
         if self.metrics is not None:
             self.metrics.write(self.step, metrics, sync=checkpoint is not None)
             if "loss" in metrics:
                 self.log(self.metrics.progress_line(self.step, metrics, self.cfg.train, self.tokens))
-        self.hooks.report(metrics, checkpoint, self.step)
+        self.hooks.report(metrics, checkpoint, self.step, wait_for_upload)
 
     def _on_nonfinite(self, result) -> None:
         self.skipped += 1
