@@ -33,9 +33,9 @@ def test_each_group_size_keeps_the_global_batch():
         assert workers * accumulation * cfg.train.micro_batch == cfg.train.global_batch, w
 
 
-def test_a_skipped_size_says_why_and_the_rest_idle():
+def test_a_skipped_size_says_why():
     layout = plan_layout(elastic("parallel.ep_size=8"), 7)
-    assert (layout.workers, layout.idle) == (4, 3)
+    assert (layout.available, layout.workers) == (7, 4)
     assert layout.skipped == tuple(
         f"{w} workers cannot keep the global batch: its 8 micro-batches (train.global_batch 16 / "
         f"train.micro_batch 2) do not split evenly over {w}" for w in (7, 6, 5))
@@ -74,3 +74,44 @@ def test_the_planner_sizes_an_elastic_reference_run_at_its_largest_group():
 def test_bad_elastic_settings_name_the_key(overrides, message):
     with pytest.raises(ConfigError, match=message):
         elastic(*overrides)
+
+
+def _join_one_node_at_a_time(policy, nodes: int) -> list[int]:
+    """The group sizes Ray Train's controller starts as nodes of one worker join one at a
+    time: its calls to the policy simulated (a decision for a group not yet running, then one
+    per node for the running group), the cluster's reserved resources given directly."""
+    from types import SimpleNamespace
+
+    from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
+
+    policy._maybe_send_resource_request = lambda: None
+    policy.scaling_config.elastic_resize_monitor_interval_s = 0.0
+    started: list[int] = []
+    group = None
+    for held in range(1, nodes + 1):
+        policy._get_reserved_resources = lambda held=held: {f"node{i}": {"CPU": 1.0} for i in range(held)}
+        decision = (policy.make_decision_for_non_running_worker_group() if group is None else
+                    policy.make_decision_for_running_worker_group(group, None))
+        if isinstance(decision, ResizeDecision):
+            started.append(decision.num_workers)
+            group = SimpleNamespace(num_workers=decision.num_workers, start_time=float("-inf"))
+    return started
+
+
+def test_an_elastic_group_restarts_only_for_a_new_layout():
+    """[2, 4] workers and 4 micro-batches a step: 3 workers train as 2 do. Ray's own policy
+    starts the group at 2 nodes and restarts it at 3 and at 4; raymoe's at 2 and 4 only, and
+    a group of exactly the workers that train (none idles)."""
+    from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
+    from ray.train.v2.api.config import ScalingConfig
+
+    from raymoe.train.scaling import LayoutScalingPolicy, trained_workers
+
+    cfg = elastic("parallel.num_workers=[2, 4]", "train.global_batch=8")
+    assert trained_workers(cfg) == {2: 2, 3: 2, 4: 4}
+
+    def scaling() -> ScalingConfig:
+        return ScalingConfig(num_workers=(2, 4), resources_per_worker={"CPU": 1})
+
+    assert _join_one_node_at_a_time(ElasticScalingPolicy(scaling()), 4) == [2, 3, 4]
+    assert _join_one_node_at_a_time(LayoutScalingPolicy(scaling(), trained_workers(cfg)), 4) == [2, 4]

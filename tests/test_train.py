@@ -62,26 +62,28 @@ def assert_same_losses(got: dict[int, float], expected: dict[int, float], steps:
 
 def _kill_a_worker_past_a_checkpoint(run_dir: Path, killed: list[int]) -> None:
     """Once a checkpoint is complete and a later step logged, SIGKILL one training worker
-    of the session's Ray cluster (only its own: other clusters may run on the machine)."""
+    of the session's Ray cluster (only its own: other clusters may run on the machine);
+    ``killed`` gets the number of workers the group had."""
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         saved = [int(p.parent.name[5:]) for p in run_dir.glob("step-*/manifest.json")]
         if saved and any(r.get("step", 0) > max(saved) for r in read_metrics(str(run_dir / "metrics"))):
-            for pid, command in session_ray_processes():
-                if "RayTrainWorker" in command:
-                    os.kill(pid, signal.SIGKILL)
-                    killed.append(pid)
-                    return
+            workers = [pid for pid, command in session_ray_processes() if "RayTrainWorker" in command]
+            if workers:
+                os.kill(workers[0], signal.SIGKILL)
+                killed.append(len(workers))
+                return
         time.sleep(0.02)
 
 
-def test_an_elastic_group_too_large_for_the_batch_trains_on_part_and_a_killed_worker_restarts_it(
+def test_an_elastic_group_starts_at_the_size_its_layout_trains_and_a_killed_worker_restarts_it(
         dataset, one_worker, tmp_path):
-    """Ray starts 3 workers ([1, 3] on 4 CPUs); a step's 4 micro-batches split over 2 (3
-    would not divide them): two train at EP 2, as one worker does (another layout: 1e-4),
-    and one idles. Checkpoints come by the clock (the step rule is never due before the
-    end), every rank at the same step. A worker is killed past a checkpoint and the group
-    restarts from the last one: the same losses and the same sequences, none twice."""
+    """The cluster holds 3 workers ([1, 3] on 4 CPUs); a step's 4 micro-batches split over 2
+    (3 would not divide them), so the group starts with 2 (raymoe.train.scaling), which
+    train at EP 2 as one worker does (another layout: 1e-4). Checkpoints come by the clock
+    (the step rule is never due before the end), every rank at the same step. A worker is
+    killed past a checkpoint and the group restarts from the last one: the same losses and
+    the same sequences, none twice."""
     expected, cursor = one_worker
     killed: list[int] = []
     killer = threading.Thread(target=_kill_a_worker_past_a_checkpoint, args=(tmp_path / "elastic", killed))
@@ -95,8 +97,8 @@ def test_an_elastic_group_too_large_for_the_batch_trains_on_part_and_a_killed_wo
     assert_same_losses(run_losses(tmp_path / "elastic"), expected, range(1, REFERENCE_STEPS + 1))
     assert final_cursor(result) == cursor  # the same sequences, none twice
     records = read_metrics(str(tmp_path / "elastic" / "metrics"))
-    assert {(r["workers"], r["ep_size"], r["idle_workers"]) for r in records if "lm_loss" in r} == {
-        (2, 2, 1)}
+    assert killed == [2], "the group is started with the workers its layout trains on"
+    assert {(r["workers"], r["ep_size"]) for r in records if "lm_loss" in r} == {(2, 2)}
     restarts = [r["resumed_from"] for r in records if "resumed_from" in r]
     assert len(restarts) == 1 and int(restarts[0][-8:]) < REFERENCE_STEPS, restarts  # the kill's
     saved = sorted(p.parent.name for p in (tmp_path / "elastic").glob("step-*/manifest.json"))

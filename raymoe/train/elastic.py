@@ -3,13 +3,10 @@
 Ray Train (``ScalingConfig(num_workers=(MIN, MAX))``) restarts the train function on every
 worker whenever the group changes size: a lost node fails the group and it restarts with
 the workers the cluster still holds; the resize check (every
-``parallel.resize_check_seconds``) restarts it larger when nodes join. Each start:
+``parallel.resize_check_seconds``) restarts it larger when nodes join, and only when the
+layout trains on more of them (raymoe.train.scaling). Each start:
 
-1. plans the layout for the group's size (raymoe.train.layout); when that size cannot keep
-   the global batch, the workers above the largest size that can form no part of the
-   training: the training ranks build a process group of their own, and the others stay
-   idle (they only take part in Ray Train's reports, which every worker must join) until
-   the run ends or the next resize restarts the group;
+1. plans the layout for the group's size (raymoe.train.layout);
 2. resumes from the latest checkpoint (the loop does), resharded to the layout;
 3. logs, at its first step, what changed since the previous group: the nodes lost or
    added, the old and the new layout, the step resumed from and the seconds lost.
@@ -21,19 +18,15 @@ key the driver chooses per run and deletes at the end.
 from __future__ import annotations
 
 import contextlib
-import datetime
 import json
-import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import ray
-import ray.train
 import torch.distributed as dist
 from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
-from ray.train.collective import broadcast_from_rank_zero
 
 from raymoe.train.layout import Layout
 from raymoe.train.loop import RunHooks
@@ -42,41 +35,11 @@ KEEP_SAVED = 16
 """Checkpoint times remembered (resume picks one of the last few)."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def gather_nodes(rank: int) -> list[str]:
-    """The Ray node of every rank of the group, and on rank 0 a port for a smaller group."""
-    mine = (ray.get_runtime_context().get_node_id(), ray.util.get_node_ip_address(),
-            _free_port() if rank == 0 else 0)
+def gather_nodes() -> list[str]:
+    """The Ray node of every rank of the group."""
     everyone: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, mine)
+    dist.all_gather_object(everyone, ray.get_runtime_context().get_node_id())
     return everyone
-
-
-def form_training_group(layout: Layout, rank: int, members: list[Any]) -> bool:
-    """Leave ranks [0, layout.workers) in a process group of their own when the group is
-    larger than the layout; returns whether this rank trains."""
-    if layout.idle == 0:
-        return True
-    backend = dist.get_backend()
-    _, address, port = members[0]
-    dist.destroy_process_group()
-    if rank >= layout.workers:
-        return False
-    dist.init_process_group(backend, init_method=f"tcp://{address}:{port}", rank=rank,
-                            world_size=layout.workers, timeout=datetime.timedelta(minutes=30))
-    return True
-
-
-def idle_until_done() -> None:
-    """An idle worker: join every report of the training ranks (Ray Train waits for all
-    workers), until they say the run is done."""
-    while broadcast_from_rank_zero(None):
-        ray.train.report({})
 
 
 class ResizeLog:
@@ -136,11 +99,10 @@ class ResizeLog:
 
 
 class ElasticHooks:
-    """The run's hooks (Ray Train's) for the training ranks of a group: with idle workers,
-    each report is announced to them first; rank 0 keeps the ResizeLog."""
+    """The run's hooks (Ray Train's); rank 0 keeps the ResizeLog."""
 
-    def __init__(self, inner: RunHooks, announce: bool, resize_log: ResizeLog | None):
-        self.inner, self.announce, self.resize_log = inner, announce, resize_log
+    def __init__(self, inner: RunHooks, resize_log: ResizeLog | None):
+        self.inner, self.resize_log = inner, resize_log
 
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
         return self.inner.latest_checkpoint()
@@ -150,17 +112,8 @@ class ElasticHooks:
 
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int,
                wait_for_upload: bool = False) -> None:
-        if self.announce:
-            broadcast_from_rank_zero(True)
         self.inner.report(metrics, checkpoint_dir, step, wait_for_upload)
 
     def on_step(self, step: int, seconds: float, saved: bool) -> None:
         if self.resize_log is not None:
             self.resize_log.on_step(step, seconds, saved)
-
-    @contextlib.contextmanager
-    def training(self) -> Iterator[None]:
-        """Around the loop: when it ends, the idle workers are let go."""
-        yield
-        if self.announce:
-            broadcast_from_rank_zero(False)

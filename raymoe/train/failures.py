@@ -7,8 +7,8 @@ config does not fit: each comes back after a resume, so retrying it restarts the
 worker group (128 GPUs) from the same checkpoint for nothing, as often as the budget allows.
 Ray Train 2.60 retries every worker error alike and builds its failure policy from the
 FailureConfig alone; ``RaymoeTorchTrainer`` is the one place that gives it this policy
-instead (``_initialize_and_run_controller`` is Ray's internal entry point, stable across
-the pinned ray==2.60.*)."""
+instead, and an elastic run raymoe.train.scaling's (``_initialize_and_run_controller`` is
+Ray's internal entry point, stable across the pinned ray==2.60.*)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
 from raymoe.config import TrainConfig
 from raymoe.data.storage import StorageError
 from raymoe.errors import RaymoeError, find_cause
+from raymoe.train.scaling import LayoutScalingPolicy
 
 logger = logging.getLogger(__name__)
 
@@ -90,14 +91,18 @@ class UsersErrorsEndTheRun(DefaultFailurePolicy):
 
 
 class RaymoeTorchTrainer(TorchTrainer):
-    """A TorchTrainer whose controller follows UsersErrorsEndTheRun for the run's storage."""
+    """A TorchTrainer whose controller follows UsersErrorsEndTheRun for the run's storage
+    and, for an elastic run, resizes by its layout (raymoe.train.scaling: ``trained`` maps
+    the workers the cluster holds to those the layout trains on)."""
 
-    def __init__(self, storage: RunStorage, *args: Any, **kwargs: Any):
+    def __init__(self, storage: RunStorage, trained: dict[int, int] | None, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.storage = storage
+        self.storage, self.trained = storage, trained
 
     def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
         budgets = self.run_config.failure_config or FailureConfig()
         kwargs["failure_policy"] = UsersErrorsEndTheRun(budgets, self.storage)  # type: ignore[arg-type]
+        if self.trained is not None:
+            kwargs["scaling_policy"] = LayoutScalingPolicy(kwargs["scaling_policy"].scaling_config, self.trained)
         # Train V2's TorchTrainer (Ray 2.60's default) has it; mypy reads V1's.
         return super()._initialize_and_run_controller(**kwargs)  # type: ignore[misc]

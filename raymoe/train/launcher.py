@@ -35,6 +35,7 @@ from raymoe.runs import CheckpointError, absolute, latest_checkpoint, resumable,
 from raymoe.train.capacity import WaitPolicy, WorkerGroupDemand, worker_group_capacity
 from raymoe.train.failures import RaymoeTorchTrainer, RunStorage, failure_budgets, name_out_of_memory
 from raymoe.train.layout import layout_config, plan_layout
+from raymoe.train.scaling import trained_workers
 
 
 class RayTrainHooks:
@@ -118,13 +119,7 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     import ray.train.torch
 
     from raymoe.console import quiet_ray
-    from raymoe.train.elastic import (
-        ElasticHooks,
-        ResizeLog,
-        form_training_group,
-        gather_nodes,
-        idle_until_done,
-    )
+    from raymoe.train.elastic import ElasticHooks, ResizeLog, gather_nodes
     from raymoe.train.loop import Trainer
     from raymoe.train.network import warn_without_efa
 
@@ -136,26 +131,19 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     if cfg.parallel.use_gpu and context.get_local_rank() == 0:  # once per node
         warn_without_efa(logging.getLogger("raymoe").warning)
     layout = plan_layout(cfg, context.get_world_size())
-    members = gather_nodes(rank)
+    nodes = gather_nodes()
     if rank == 0:
         for reason in layout.skipped:
             log(f"layout: {reason}")
-        if layout.idle:
-            log(f"layout: training on {layout.workers} of {layout.available} workers, "
-                f"{layout.idle} idle until the next resize: {layout.describe()}")
-    if not form_training_group(layout, rank, members):
-        idle_until_done()
-        return
     cfg = layout_config(cfg, layout)
     device = ray.train.torch.get_device()
     check_gpu_fits(cfg, device)
-    resize_log = (ResizeLog(loop_config["resize_key"], layout, [m[0] for m in members], log)
+    resize_log = (ResizeLog(loop_config["resize_key"], layout, nodes, log)
                   if rank == 0 else None)
     checkpoints = RayTrainHooks(loop_config["run_uri"], cfg.train.checkpoint_staging, log)
-    hooks = ElasticHooks(checkpoints, layout.idle > 0, resize_log)
+    hooks = ElasticHooks(checkpoints, resize_log)
     try:
-        with hooks.training():
-            Trainer(cfg, hooks, device, loop_config["metrics_uri"], log=log, idle_workers=layout.idle).run()
+        Trainer(cfg, hooks, device, loop_config["metrics_uri"], log=log).run()
     except torch.OutOfMemoryError as err:
         raise name_out_of_memory(err, rank, cfg.train.micro_batch) from err
 
@@ -194,7 +182,7 @@ def train_on_ray(cfg: Config, wait: WaitPolicy = "auto", timeout: float = 1800.0
     # S3 names keys without the bucket: the run's directory is what both name
     run_storage = RunStorage(where.uri, f"{Path(storage.path).name}/{where.name}")
     trainer = RaymoeTorchTrainer(
-        run_storage, _train_worker,
+        run_storage, trained_workers(cfg) if par.elastic else None, _train_worker,
         train_loop_config={"config": cfg.to_dict(), "run_uri": where.uri, "metrics_uri": where.metrics_uri,
                            "resize_key": resize_key},
         torch_config=TorchConfig(backend="nccl" if par.use_gpu else "gloo"),

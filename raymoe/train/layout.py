@@ -6,7 +6,8 @@ sequences of the global batch (raymoe.data.stream gives each rank a contiguous b
 them). Any worker count that divides that number keeps the step exactly: the same
 micro-batches, the same mean loss and gradient, the same tokens per step (so the same
 learning-rate schedule) and the same data cursor. A count that does not divide it is
-skipped for the next smaller one; the workers above it stay idle (raymoe.train.elastic).
+skipped for the next smaller one: an elastic run's group is started at that size
+(raymoe.train.scaling), so no worker idles.
 """
 
 from __future__ import annotations
@@ -20,19 +21,15 @@ from raymoe.config import Config
 @dataclass(frozen=True)
 class Layout:
     available: int
-    """Workers in the group Ray started."""
+    """Workers the cluster holds for the group."""
     workers: int
-    """Workers that train (the rest idle)."""
+    """Workers that train: the most, up to ``available``, that keep the global batch."""
     ep_size: int
     accumulation: int
     """Micro-batches per worker and step."""
     micro_batch: int
     skipped: tuple[str, ...] = ()
     """Why each larger size (available and down) could not train."""
-
-    @property
-    def idle(self) -> int:
-        return self.available - self.workers
 
     def describe(self) -> str:
         each = "micro-batch" if self.accumulation == 1 else "micro-batches"

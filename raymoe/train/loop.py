@@ -102,7 +102,7 @@ class FileHooks:
 
 class Trainer:
     def __init__(self, cfg: Config, hooks: RunHooks, device: torch.device,
-                 metrics_uri: str | Path | None = None, log=print, idle_workers: int = 0):
+                 metrics_uri: str | Path | None = None, log=print):
         self.cfg, self.hooks, self.device, self.log = cfg, hooks, device, log
         self.mesh = Mesh(cfg.parallel.ep_size)
         self.rank, self.world = self.mesh.dp_rank, self.mesh.dp_size
@@ -110,7 +110,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # same dense init on every rank
         self.model = build_model(cfg, self.mesh, device)  # never whole on a rank
         self.facts = RunFacts(global_batch=cfg.train.global_batch, workers=self.world,
-                              ep_size=self.mesh.ep_size, idle_workers=idle_workers,
+                              ep_size=self.mesh.ep_size,
                               flops_per_token=model_flops_per_token(self.model),
                               peak_flops=peak_flops(device, cfg.train.peak_flops))
         self.optimizer = build_optimizer(self.model, cfg.optim, fused=device.type == "cuda")

@@ -75,8 +75,6 @@ class RunFacts:
     global_batch: int
     workers: int
     ep_size: int
-    idle_workers: int
-    """Workers of an elastic group beside this one's that wait (raymoe.train.layout)."""
     flops_per_token: float
     peak_flops: float | None
     """A worker's (see peak_flops); None where unknown, and then no MFU is reported."""
@@ -89,7 +87,7 @@ def step_metrics(run: RunFacts, result: StepResult, lr: float, seconds: float, d
         "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_step / seconds,
         "samples_per_s": run.global_batch / seconds, "step_seconds": seconds,
         "data_wait_s": data_wait, "skipped_steps": skipped_steps,
-        "workers": run.workers, "ep_size": run.ep_size, "idle_workers": run.idle_workers,
+        "workers": run.workers, "ep_size": run.ep_size,
     }
     if run.peak_flops:
         metrics["mfu"] = run.flops_per_token * metrics["tokens_per_s"] / (run.peak_flops * run.workers)
