@@ -114,4 +114,38 @@ def test_an_elastic_group_restarts_only_for_a_new_layout():
         return ScalingConfig(num_workers=(2, 4), resources_per_worker={"CPU": 1})
 
     assert _join_one_node_at_a_time(ElasticScalingPolicy(scaling()), 4) == [2, 3, 4]
-    assert _join_one_node_at_a_time(LayoutScalingPolicy(scaling(), trained_workers(cfg)), 4) == [2, 4]
+    ours = LayoutScalingPolicy(scaling(), trained_workers(cfg), "raymoe/resize/test")
+    ours._saved_for_grow = lambda: True  # the group saved when asked: test_a_grow_waits_for_the_groups_checkpoint
+    assert _join_one_node_at_a_time(ours, 4) == [2, 4]
+
+
+def test_a_grow_waits_for_the_groups_checkpoint(monkeypatch):
+    """The policy asks the running group for a checkpoint (a key in Ray's key-value store,
+    here a dict) and grows once the group's record shows one saved since, or after its
+    timeout."""
+    import json
+
+    from ray.train.v2.api.config import ScalingConfig
+
+    import raymoe.train.scaling as scaling
+
+    store: dict[bytes, bytes] = {}
+    monkeypatch.setattr(scaling, "_internal_kv_put", lambda k, v, overwrite: store.__setitem__(k, v))
+    monkeypatch.setattr(scaling, "_internal_kv_get", store.get)
+    monkeypatch.setattr(scaling, "_internal_kv_del", store.pop)
+    now = [1000.0]
+    policy = scaling.LayoutScalingPolicy(ScalingConfig(num_workers=(2, 4)), {2: 2, 3: 2, 4: 4},
+                                         "raymoe/resize/run", clock=lambda: now[0])
+
+    def record(*saved_at: float) -> None:
+        store[b"raymoe/resize/run"] = json.dumps({"saved": {str(i): t for i, t in enumerate(saved_at)}}).encode()
+
+    record(900.0)
+    assert not policy._saved_for_grow() and store[b"raymoe/resize/run/grow"] == b"1"  # asked
+    now[0] = 1005.0
+    assert not policy._saved_for_grow()  # the only checkpoint is older than the request
+    record(900.0, 1003.0)
+    assert policy._saved_for_grow() and b"raymoe/resize/run/grow" not in store
+    assert not policy._saved_for_grow()  # the next grow asks again
+    now[0] += scaling.GROW_SAVE_TIMEOUT_SECONDS + 1
+    assert policy._saved_for_grow()  # a group that never saves is grown all the same

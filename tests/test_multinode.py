@@ -147,11 +147,12 @@ def test_an_elastic_job_waits_for_a_node_grows_and_shrinks_with_the_nodes_and_a_
         cluster, s3, dataset_uri, new_driver_dir):
     """An elastic job ([2, 4] workers of 1.5 CPU) submitted while the cluster has no worker
     node waits; a node joins 10 s later and the job trains on 2 workers (EP 2); a second node
-    joins and the group grows to 4 (EP 2, two a node), each rank reading only its part of the
-    2-worker checkpoint from S3; that node is reclaimed as a spot node is (warned, then
-    gone at the deadline): the group saves a just-in-time checkpoint as late as is safe and
-    holds, shrinks to 2 once the node is gone, resumes from that checkpoint redoing no step,
-    and trains to the end. A new driver in a fresh directory then resumes the run from S3 alone,
+    joins and the group, asked first, saves a checkpoint and holds, then grows to 4 (EP 2,
+    two a node) from it, each rank reading only its part of the 2-worker checkpoint from
+    S3; that node is reclaimed as a spot node is (warned, then gone at the deadline): the
+    group saves a just-in-time checkpoint as late as is safe and holds, shrinks to 2 once
+    the node is gone, resumes from that checkpoint redoing no step, and trains to the end.
+    A new driver in a fresh directory then resumes the run from S3 alone,
     without Ray's record of the run, each rank again reading only its part. Every step's
     loss is the uninterrupted run's, and the last data cursor too: no sequence skipped or
     trained twice through three resizes and a resume."""
@@ -205,7 +206,7 @@ def test_an_elastic_job_waits_for_a_node_grows_and_shrinks_with_the_nodes_and_a_
     assert f"finished at step {ELASTIC_STEPS}" in output, output[-5000:]
     grow = re.search(r"resize: added node\(s\) \w{8} \(2 -> 4 workers\): 2 workers, EP 2, 2 "
                      r"micro-batches of 2 each -> 4 workers, EP 2, 1 micro-batch of 2 each; resumed "
-                     r"from step (\d+)", output)
+                     r"from step (\d+) \(the previous group reached step (\d+)\)", output)
     shrink = re.search(r"resize: lost node\(s\) \w{8} \(4 -> 2 workers\): 4 workers, EP 2, 1 "
                        r"micro-batch of 2 each -> 2 workers, EP 2, 2 micro-batches of 2 each; resumed "
                        r"from step (\d+) \(the previous group reached step (\d+)\); [\d.]+ s lost", output)
@@ -214,6 +215,10 @@ def test_an_elastic_job_waits_for_a_node_grows_and_shrinks_with_the_nodes_and_a_
     held = re.search(r"step (\d+): saved before the preemption \(\d+ s left\); holding", output)
     assert held and int(shrink.group(1)) == int(held.group(1)), output[-5000:]
     assert int(shrink.group(2)) - int(shrink.group(1)) <= 1, shrink.group(0)
+    # the grow was asked of the group first: it saved, held, and the larger group resumed there
+    saved_for_grow = re.search(r"step (\d+): saved before the group grows; holding", output)
+    assert saved_for_grow and int(grow.group(1)) == int(saved_for_grow.group(1)), output[-5000:]
+    assert int(grow.group(2)) - int(grow.group(1)) <= 1, grow.group(0)
     final = json.loads(s3["read"](f"runs/elastic/step-{ELASTIC_STEPS:08d}/manifest.json"))
     assert final["world_size"] == 2 and final["extra"]["tokens"] == ELASTIC_STEPS * 8 * 32
 

@@ -3,35 +3,45 @@ the run on a warned and lost node is in test_multinode."""
 
 from __future__ import annotations
 
-from raymoe.train.preemption import HOLD_PAST_DEADLINE_SECONDS, PreemptionGuard, seconds_to_preemption
+from raymoe.train.preemption import HOLD_PAST_DEADLINE_SECONDS, RestartGuard, seconds_to_preemption
 
 
 def test_no_warning_outside_ray_train_and_none_without_one():
     assert seconds_to_preemption() is None
-    guard = PreemptionGuard(save_seconds=30, log=lambda _: None)
-    assert guard.scalars(2.0) == [0.0, 0.0, 2.0]
-    agreed = guard.agree([0.0, 0.0, 8.0], world=4)
-    assert not agreed.warned and agreed.step_seconds == 2.0
-    assert not guard.checkpoint_now(agreed)
+    guard = RestartGuard(save_seconds=30, grow_wait_seconds=70, log=lambda _: None)
+    assert guard.scalars(2.0, grow_requested=False) == [0.0, 0.0, 2.0, 0.0]
+    agreed = guard.agree([0.0, 0.0, 8.0, 0.0], world=4)
+    assert not agreed.warned and not agreed.grow and agreed.step_seconds == 2.0
+    assert guard.checkpoint_now(agreed) is None
 
 
 def test_the_checkpoint_comes_once_when_the_next_steps_would_leave_too_little():
-    guard = PreemptionGuard(save_seconds=30, log=lambda _: None)
+    guard = RestartGuard(save_seconds=30, grow_wait_seconds=70, log=lambda _: None)
     # 3 of 4 ranks saw the warning (each 100 s left); steps of 2 s: save at <= 34 s left
-    assert not guard.checkpoint_now(guard.agree([3.0, 300.0, 8.0], world=4))
-    assert not guard.checkpoint_now(guard.agree([4.0, 4 * 34.5, 8.0], world=4))
-    assert guard.checkpoint_now(guard.agree([4.0, 4 * 33.0, 8.0], world=4))
-    assert not guard.checkpoint_now(guard.agree([4.0, 4 * 31.0, 8.0], world=4))  # once
+    assert guard.checkpoint_now(guard.agree([3.0, 300.0, 8.0, 0.0], world=4)) is None
+    assert guard.checkpoint_now(guard.agree([4.0, 4 * 34.5, 8.0, 0.0], world=4)) is None
+    assert guard.checkpoint_now(guard.agree([4.0, 4 * 33.0, 8.0, 0.0], world=4)) == "preemption"
+    assert guard.checkpoint_now(guard.agree([4.0, 4 * 31.0, 8.0, 0.0], world=4)) is None  # once
+
+
+def test_a_grow_asked_by_rank_0_saves_every_rank_at_once():
+    guard = RestartGuard(save_seconds=30, grow_wait_seconds=70, log=lambda _: None)
+    assert guard.checkpoint_now(guard.agree([0.0, 0.0, 8.0, 1.0], world=4)) == "grow"
+    assert guard.checkpoint_now(guard.agree([0.0, 0.0, 8.0, 1.0], world=4)) is None
 
 
 def test_holding_waits_past_the_deadline_then_trains_on():
     lines: list[str] = []
     slept: list[float] = []
-    guard = PreemptionGuard(save_seconds=30, log=lines.append, sleep=slept.append)
-    agreed = guard.agree([2.0, 2 * 20.0, 2.0], world=2)
-    assert guard.checkpoint_now(agreed)
-    guard.hold(agreed, step=12)
-    assert slept == [20.0 + HOLD_PAST_DEADLINE_SECONDS]
+    guard = RestartGuard(save_seconds=30, grow_wait_seconds=70, log=lines.append, sleep=slept.append)
+    agreed = guard.agree([2.0, 2 * 20.0, 2.0, 0.0], world=2)
+    assert guard.checkpoint_now(agreed) == "preemption"
+    guard.hold("preemption", agreed, step=12)
+    grow = guard.agree([0.0, 0.0, 2.0, 1.0], world=2)
+    assert guard.checkpoint_now(grow) == "grow"
+    guard.hold("grow", grow, step=13)
+    assert slept == [20.0 + HOLD_PAST_DEADLINE_SECONDS, 70]
     assert lines[0].startswith("step 12: saved before the preemption (20 s left); holding")
-    assert "did not go" in lines[1]
-    assert guard.checkpoint_now(agreed)  # a later warning gets its own checkpoint
+    assert lines[1] == "step 12: no restart came within 80 s of the preemption's checkpoint; training on"
+    assert lines[2] == "step 13: saved before the group grows; holding until it restarts larger"
+    assert guard.checkpoint_now(agreed) == "preemption"  # a later warning gets its own checkpoint

@@ -31,6 +31,12 @@ from ray.experimental.internal_kv import _internal_kv_get, _internal_kv_put
 from raymoe.train.layout import Layout
 from raymoe.train.loop import RunHooks
 
+
+def grow_key(resize_key: str | bytes) -> bytes:
+    """Where raymoe.train.scaling asks the group for a checkpoint before it grows it."""
+    return (resize_key if isinstance(resize_key, bytes) else resize_key.encode()) + b"/grow"
+
+
 KEEP_SAVED = 16
 """Checkpoint times remembered (resume picks one of the last few)."""
 
@@ -117,3 +123,6 @@ class ElasticHooks:
     def on_step(self, step: int, seconds: float, saved: bool) -> None:
         if self.resize_log is not None:
             self.resize_log.on_step(step, seconds, saved)
+
+    def grow_requested(self) -> bool:
+        return self.resize_log is not None and _internal_kv_get(grow_key(self.resize_log.key)) is not None

@@ -92,17 +92,19 @@ class UsersErrorsEndTheRun(DefaultFailurePolicy):
 
 class RaymoeTorchTrainer(TorchTrainer):
     """A TorchTrainer whose controller follows UsersErrorsEndTheRun for the run's storage
-    and, for an elastic run, resizes by its layout (raymoe.train.scaling: ``trained`` maps
-    the workers the cluster holds to those the layout trains on)."""
+    and, for an elastic run, resizes by its layout (raymoe.train.scaling: ``elastic`` is the
+    map from the workers the cluster holds to those the layout trains on, and the run's
+    resize key)."""
 
-    def __init__(self, storage: RunStorage, trained: dict[int, int] | None, *args: Any, **kwargs: Any):
+    def __init__(self, storage: RunStorage, elastic: tuple[dict[int, int], str] | None, *args: Any,
+                 **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.storage, self.trained = storage, trained
+        self.storage, self.elastic = storage, elastic
 
     def _initialize_and_run_controller(self, **kwargs: Any) -> Any:
         budgets = self.run_config.failure_config or FailureConfig()
         kwargs["failure_policy"] = UsersErrorsEndTheRun(budgets, self.storage)  # type: ignore[arg-type]
-        if self.trained is not None:
-            kwargs["scaling_policy"] = LayoutScalingPolicy(kwargs["scaling_policy"].scaling_config, self.trained)
+        if self.elastic is not None:
+            kwargs["scaling_policy"] = LayoutScalingPolicy(kwargs["scaling_policy"].scaling_config, *self.elastic)
         # Train V2's TorchTrainer (Ray 2.60's default) has it; mypy reads V1's.
         return super()._initialize_and_run_controller(**kwargs)  # type: ignore[misc]

@@ -88,6 +88,9 @@ class RayTrainHooks:
     def on_step(self, step: int, seconds: float, saved: bool) -> None:
         pass
 
+    def grow_requested(self) -> bool:
+        return False
+
 
 def _uri(checkpoint: Checkpoint) -> str:
     """A Ray checkpoint's location as raymoe's storage layer names it."""
@@ -182,7 +185,7 @@ def train_on_ray(cfg: Config, wait: WaitPolicy = "auto", timeout: float = 1800.0
     # S3 names keys without the bucket: the run's directory is what both name
     run_storage = RunStorage(where.uri, f"{Path(storage.path).name}/{where.name}")
     trainer = RaymoeTorchTrainer(
-        run_storage, trained_workers(cfg) if par.elastic else None, _train_worker,
+        run_storage, (trained_workers(cfg), resize_key) if par.elastic else None, _train_worker,
         train_loop_config={"config": cfg.to_dict(), "run_uri": where.uri, "metrics_uri": where.metrics_uri,
                            "resize_key": resize_key},
         torch_config=TorchConfig(backend="nccl" if par.use_gpu else "gloo"),

@@ -38,7 +38,7 @@ from raymoe.train.metrics import (
     step_metrics,
 )
 from raymoe.train.optim import build_optimizer, learning_rate, set_learning_rate
-from raymoe.train.preemption import PreemptionGuard
+from raymoe.train.preemption import RestartGuard
 from raymoe.train.preflight import open_training_data
 from raymoe.train.step import train_step
 from raymoe.train.transfer import to_device
@@ -62,6 +62,10 @@ class RunHooks(Protocol):
 
     def on_step(self, step: int, seconds: float, saved: bool) -> None:
         """After every trained step (``saved``: a checkpoint of it was written)."""
+
+    def grow_requested(self) -> bool:
+        """Whether the group is about to be restarted larger (raymoe.train.scaling): known
+        to rank 0, False elsewhere."""
 
 
 @dataclass
@@ -99,6 +103,9 @@ class FileHooks:
     def on_step(self, step: int, seconds: float, saved: bool) -> None:
         pass
 
+    def grow_requested(self) -> bool:
+        return False
+
 
 class Trainer:
     def __init__(self, cfg: Config, hooks: RunHooks, device: torch.device,
@@ -123,8 +130,8 @@ class Trainer:
         self.step, self.tokens, self.skipped, self.consecutive_nan = 0, 0, 0, 0
         resumed = self._resume()
         self.cadence = CheckpointCadence(cfg.train, resumed.get("saved_at") if resumed else None)
-        self.preemption = PreemptionGuard(cfg.train.preemption_save_seconds,
-                                          log if self.rank == 0 else lambda _: None)
+        self.restarts = RestartGuard(cfg.train.preemption_save_seconds, 2 * cfg.parallel.resize_check_seconds + 60,
+                                     log if self.rank == 0 else lambda _: None)
         self.reader = self._reader("train", cfg.train.global_batch,
                                    Cursor.from_dict(resumed["cursor"]) if resumed else None)
 
@@ -209,7 +216,8 @@ class Trainer:
             result = train_step(self.model, self.optimizer, self.mesh, self._micro_batches(),
                                 cfg.optim.grad_clip, autocast_dtype(self.device),
                                 cfg.parallel.grad_sync == "every_micro_batch",
-                                summed=[self.cadence.elapsed(), *self.preemption.scalars(seconds)])
+                                summed=[self.cadence.elapsed(),
+                                        *self.restarts.scalars(seconds, self.hooks.grow_requested())])
             seconds = timer.stop()
             self.step += 1
             if result.skipped:
@@ -225,17 +233,17 @@ class Trainer:
             if self.step % t.eval_every == 0 or self._done():
                 validation = self.validate()
                 metrics.update(val_loss=validation, val_perplexity=math.exp(min(validation, 50.0)))
-            warning = self.preemption.agree(result.summed[1:], self.world)
-            just_in_time = self.preemption.checkpoint_now(warning)
+            coming = self.restarts.agree(result.summed[1:], self.world)
+            just_in_time = self.restarts.checkpoint_now(coming)
             checkpoint = None
             if self._done() or just_in_time or self.cadence.due(self.step, result.summed[0] / self.world):
                 checkpoint = self.save()
-            self.hooks.on_step(self.step, seconds, checkpoint is not None)
             if metrics or checkpoint is not None:
                 metrics.update(step=self.step, tokens=self.tokens)
-                self._publish(metrics, checkpoint, wait_for_upload=just_in_time)
+                self._publish(metrics, checkpoint, wait_for_upload=just_in_time is not None)
+            self.hooks.on_step(self.step, seconds, checkpoint is not None)  # a checkpoint is reported by now
             if just_in_time and not self._done():
-                self.preemption.hold(warning, self.step)
+                self.restarts.hold(just_in_time, coming, self.step)
         return TrainSummary(self.step, self.tokens, last_loss, validation, self.skipped)
 
     def _publish(self, metrics: dict[str, Any], checkpoint: Path | None, wait_for_upload: bool = False) -> None:

@@ -1,4 +1,4 @@
-"""Just-in-time checkpoints before a warned preemption.
+"""Just-in-time checkpoints before a warned preemption, and before a planned grow.
 
 A spot node is warned before it goes (two minutes on AWS: the autoscaler drains it with a
 deadline), and Ray Train passes the warning to every worker of the group. Without a
@@ -12,7 +12,9 @@ hold, stepping no further, until the node is gone and Ray Train restarts the gro
 checkpoint: the resume redoes no step. The checkpoint is complete before the deadline, so
 the surviving ranks need none of Ray's relaxed collectives or grace past it. A warning
 whose node does not go (a drain cancelled) lets the ranks train on once the deadline is
-well past.
+well past. A group that raymoe.train.scaling is about to restart larger is told the same
+way (rank 0 reads the request; the sum tells everyone): it saves at once and holds, so the
+grow loses no work either.
 
 Ray Train keeps the warning on each worker (``get_train_context().preemption_context``, what
 its public ``ray.train.get_preemption_info`` broadcasts from rank 0 in a collective of its
@@ -45,51 +47,61 @@ def seconds_to_preemption(clock: Callable[[], float] = time.time) -> float | Non
 @dataclass(frozen=True)
 class Agreed:
     """What the ranks agreed at a step: whether a node is being preempted, the seconds left
-    (as the ranks that saw the warning know it) and the ranks' mean step time."""
+    (as the ranks that saw the warning know it), the ranks' mean step time, and whether
+    the group is about to be restarted larger (raymoe.train.scaling asks first)."""
 
     warned: bool
     seconds_left: float
     step_seconds: float
+    grow: bool
 
 
-class PreemptionGuard:
+class RestartGuard:
     """One rank's side: what it adds to the step's summed scalars, and the decision every
-    rank takes alike from their sums."""
+    rank takes alike from their sums: a checkpoint before a warned preemption, or before a
+    planned grow, and the hold after it."""
 
-    SCALARS = 3
+    SCALARS = 4
 
-    def __init__(self, save_seconds: float, log: Callable[[str], None],
+    def __init__(self, save_seconds: float, grow_wait_seconds: float, log: Callable[[str], None],
                  clock: Callable[[], float] = time.time, sleep: Callable[[float], None] = time.sleep):
-        self.save_seconds, self.log, self.clock, self.sleep = save_seconds, log, clock, sleep
-        self.saved_for_warning = False
+        self.save_seconds, self.grow_wait, self.log = save_seconds, grow_wait_seconds, log
+        self.clock, self.sleep = clock, sleep
+        self.saved_for: set[str] = set()
 
-    def scalars(self, step_seconds: float) -> list[float]:
-        """This rank's [warned, seconds left, seconds of its last step]."""
+    def scalars(self, step_seconds: float, grow_requested: bool) -> list[float]:
+        """This rank's [warned, seconds left, seconds of its last step, grow requested]."""
         left = seconds_to_preemption(self.clock)
-        return [0.0 if left is None else 1.0, left or 0.0, step_seconds]
+        return [0.0 if left is None else 1.0, left or 0.0, step_seconds, float(grow_requested)]
 
     @staticmethod
     def agree(summed: list[float], world: int) -> Agreed:
-        warned, left, step = summed
-        return Agreed(warned > 0, left / warned if warned else 0.0, step / world)
+        warned, left, step, grow = summed
+        return Agreed(warned > 0, left / warned if warned else 0.0, step / world, grow > 0)
 
-    def checkpoint_now(self, agreed: Agreed) -> bool:
-        """Whether to save the just-in-time checkpoint at this step (once per warning):
-        when the next steps would leave less than the save needs."""
-        if not agreed.warned or self.saved_for_warning:
-            return False
-        if agreed.seconds_left > self.save_seconds + 2 * agreed.step_seconds:
-            return False
-        self.saved_for_warning = True
-        return True
+    def checkpoint_now(self, agreed: Agreed) -> str | None:
+        """Why to save a checkpoint at this step, once per event: "preemption" when the
+        next steps would leave less than the save needs, "grow" as soon as a grow is asked."""
+        if (agreed.warned and "preemption" not in self.saved_for
+                and agreed.seconds_left <= self.save_seconds + 2 * agreed.step_seconds):
+            self.saved_for.add("preemption")
+            return "preemption"
+        if agreed.grow and "grow" not in self.saved_for:
+            self.saved_for.add("grow")
+            return "grow"
+        return None
 
-    def hold(self, agreed: Agreed, step: int) -> None:
-        """After the just-in-time checkpoint: step no further until the group is torn down;
-        train on if the node outlives its deadline by HOLD_PAST_DEADLINE_SECONDS."""
-        wait = max(0.0, agreed.seconds_left) + HOLD_PAST_DEADLINE_SECONDS
-        self.log(f"step {step}: saved before the preemption ({agreed.seconds_left:.0f} s left); holding "
-                 "until the node is gone and the group restarts from this checkpoint")
+    def hold(self, reason: str, agreed: Agreed, step: int) -> None:
+        """After a checkpoint for ``reason``: step no further until the group is torn down;
+        train on if that does not come in time (a node that outlives its deadline by
+        HOLD_PAST_DEADLINE_SECONDS, a grow not made within ``grow_wait_seconds``)."""
+        if reason == "preemption":
+            wait = max(0.0, agreed.seconds_left) + HOLD_PAST_DEADLINE_SECONDS
+            self.log(f"step {step}: saved before the preemption ({agreed.seconds_left:.0f} s left); holding "
+                     "until the node is gone and the group restarts from this checkpoint")
+        else:
+            wait = self.grow_wait
+            self.log(f"step {step}: saved before the group grows; holding until it restarts larger")
         self.sleep(wait)
-        self.log(f"step {step}: the warned node did not go within {wait:.0f} s of the warning's "
-                 "checkpoint; training on")
-        self.saved_for_warning = False
+        self.log(f"step {step}: no restart came within {wait:.0f} s of the {reason}'s checkpoint; training on")
+        self.saved_for.discard(reason)

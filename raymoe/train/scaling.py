@@ -6,18 +6,34 @@ checkpoint on every rank, yet many counts train alike: a global batch of 128 mic
 trains on 64 workers whether 64, 72 or 120 are there (raymoe.train.layout), so nodes that
 return one at a time would restart a 128-GPU run up to seven times for nothing. This policy
 counts the workers as the layout would train on them, so Ray starts a group of exactly that
-many (no worker idles) and restarts it only when that number changes.
+many (no worker idles) and restarts it only when that number changes; and a grow, which
+Ray makes with the group running, waits for the group's checkpoint first, so that it loses
+no work (a lost node leaves no such choice: a preemption warning does, raymoe.train.preemption).
 
 Ray Train 2.60 builds its scaling policy from the ScalingConfig alone;
 raymoe.train.failures.RaymoeTorchTrainer hands its controller this one instead."""
 
 from __future__ import annotations
 
-from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
+import json
+import time
+from collections.abc import Callable
+
+from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_put
+from ray.train.v2._internal.execution.scaling_policy import (
+    ElasticScalingPolicy,
+    NoopDecision,
+    ResizeDecision,
+    ScalingDecision,
+)
 from ray.train.v2.api.config import ScalingConfig
 
 from raymoe.config import Config
+from raymoe.train.elastic import grow_key
 from raymoe.train.layout import plan_layout
+
+GROW_SAVE_TIMEOUT_SECONDS = 120.0
+"""How long a grow waits for the group's checkpoint before it restarts the group anyway."""
 
 
 def trained_workers(cfg: Config) -> dict[int, int]:
@@ -29,12 +45,37 @@ def trained_workers(cfg: Config) -> dict[int, int]:
 
 class LayoutScalingPolicy(ElasticScalingPolicy):
     """Ray's elastic policy, with the workers it could start counted as the layout trains
-    on them (below MIN as they are: Ray then waits)."""
+    on them (below MIN as they are: Ray then waits). Before it grows a running group it asks
+    the group for a checkpoint (raymoe.train.preemption: the group saves and holds) and
+    grows once the group's record (raymoe.train.elastic.ResizeLog, under ``resize_key``)
+    shows one saved since, or after GROW_SAVE_TIMEOUT_SECONDS."""
 
-    def __init__(self, scaling_config: ScalingConfig, trained: dict[int, int]):
+    def __init__(self, scaling_config: ScalingConfig, trained: dict[int, int], resize_key: str,
+                 clock: Callable[[], float] = time.time):
         super().__init__(scaling_config)
-        self.trained = trained
+        self.trained, self.resize_key, self.clock = trained, resize_key, clock
+        self.grow_asked_at: float | None = None
 
     def _count_possible_workers(self, reserved_resources) -> int:
         available = super()._count_possible_workers(reserved_resources)
         return self.trained.get(available, available)
+
+    def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status) -> ScalingDecision:
+        decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
+        if not isinstance(decision, ResizeDecision) or decision.num_workers <= worker_group_state.num_workers:
+            return decision
+        return decision if self._saved_for_grow() else NoopDecision()
+
+    def _saved_for_grow(self) -> bool:
+        now = self.clock()
+        if self.grow_asked_at is None:
+            self.grow_asked_at = now
+            _internal_kv_put(grow_key(self.resize_key), b"1", overwrite=True)
+            return False
+        raw = _internal_kv_get(self.resize_key.encode())
+        saved = json.loads(raw)["saved"].values() if raw else []
+        if any(at >= self.grow_asked_at for at in saved) or now - self.grow_asked_at > GROW_SAVE_TIMEOUT_SECONDS:
+            _internal_kv_del(grow_key(self.resize_key))
+            self.grow_asked_at = None
+            return True
+        return False
