@@ -215,6 +215,9 @@ def test_an_elastic_job_waits_for_a_node_grows_and_shrinks_with_the_nodes_and_a_
     held = re.search(r"step (\d+): saved before the preemption \(\d+ s left\); holding", output)
     assert held and int(shrink.group(1)) == int(held.group(1)), output[-5000:]
     assert int(shrink.group(2)) - int(shrink.group(1)) <= 1, shrink.group(0)
+    # the lost node was a preemption, on its own budget, not a worker failure
+    assert "the worker group failed: 1 of no limit on train.max_preemptions; restarting" in output, output[-5000:]
+    assert "on train.max_failures" not in output, output[-5000:]
     # the grow was asked of the group first: it saved, held, and the larger group resumed there
     saved_for_grow = re.search(r"step (\d+): saved before the group grows; holding", output)
     assert saved_for_grow and int(grow.group(1)) == int(saved_for_grow.group(1)), output[-5000:]

@@ -87,7 +87,22 @@ class UsersErrorsEndTheRun(DefaultFailurePolicy):
             if users is not None:
                 logger.warning("the run stops (the user's error, not retried): %s", users)
                 return FailureDecision.RAISE
-        return super().make_decision(training_failed_error)
+        decision = super().make_decision(training_failed_error)
+        if isinstance(training_failed_error, WorkerGroupError) or _is_preemption_failure(training_failed_error):
+            logger.warning(self.describe(training_failed_error, decision))
+        return decision
+
+    def describe(self, error: TrainingFailedError, decision: FailureDecision) -> str:
+        """One line: which budget the failure was charged to, how much of it is used, and
+        whether the group restarts (the counts are Ray's, kept by DefaultFailurePolicy)."""
+        if _is_preemption_failure(error):
+            budget, used, limit = "train.max_preemptions", self._preemption_failures, \
+                self.failure_config.max_preemption_failures
+        else:
+            budget, used, limit = "train.max_failures", self._worker_group_failures, self.failure_config.max_failures
+        outcome = "restarting from the latest checkpoint" if decision == FailureDecision.RETRY else "the run stops"
+        return (f"the worker group failed: {used} of {'no limit' if limit == -1 else limit} on {budget}; "
+                f"{outcome}")
 
 
 class RaymoeTorchTrainer(TorchTrainer):
