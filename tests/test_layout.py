@@ -76,36 +76,15 @@ def test_bad_elastic_settings_name_the_key(overrides, message):
         elastic(*overrides)
 
 
-def _join_one_node_at_a_time(policy, nodes: int) -> list[int]:
-    """The group sizes Ray Train's controller starts as nodes of one worker join one at a
-    time: its calls to the policy simulated (a decision for a group not yet running, then one
-    per node for the running group), the cluster's reserved resources given directly."""
-    from types import SimpleNamespace
-
-    from ray.train.v2._internal.execution.scaling_policy import ResizeDecision
-
-    policy._maybe_send_resource_request = lambda: None
-    policy.scaling_config.elastic_resize_monitor_interval_s = 0.0
-    started: list[int] = []
-    group = None
-    for held in range(1, nodes + 1):
-        policy._get_reserved_resources = lambda held=held: {f"node{i}": {"CPU": 1.0} for i in range(held)}
-        decision = (policy.make_decision_for_non_running_worker_group() if group is None else
-                    policy.make_decision_for_running_worker_group(group, None))
-        if isinstance(decision, ResizeDecision):
-            started.append(decision.num_workers)
-            group = SimpleNamespace(num_workers=decision.num_workers, start_time=float("-inf"))
-    return started
-
-
 def test_an_elastic_group_restarts_only_for_a_new_layout():
-    """[2, 4] workers and 4 micro-batches a step: 3 workers train as 2 do. Ray's own policy
-    starts the group at 2 nodes and restarts it at 3 and at 4; raymoe's at 2 and 4 only, and
-    a group of exactly the workers that train (none idles)."""
+    """[2, 4] workers and 4 micro-batches a step: 3 workers train as 2 do. As nodes of one
+    worker join one at a time, Ray's own policy starts the group at 2 and restarts it at 3
+    and at 4; raymoe's at 2 and 4 only, and a group of exactly the workers that train (none
+    idles). The controller's calls are simulated (raymoe.train.scaling.group_starts)."""
     from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
     from ray.train.v2.api.config import ScalingConfig
 
-    from raymoe.train.scaling import LayoutScalingPolicy, trained_workers
+    from raymoe.train.scaling import LayoutScalingPolicy, group_starts, trained_workers
 
     cfg = elastic("parallel.num_workers=[2, 4]", "train.global_batch=8")
     assert trained_workers(cfg) == {2: 2, 3: 2, 4: 4}
@@ -113,10 +92,9 @@ def test_an_elastic_group_restarts_only_for_a_new_layout():
     def scaling() -> ScalingConfig:
         return ScalingConfig(num_workers=(2, 4), resources_per_worker={"CPU": 1})
 
-    assert _join_one_node_at_a_time(ElasticScalingPolicy(scaling()), 4) == [2, 3, 4]
+    assert group_starts(ElasticScalingPolicy(scaling()), [1, 2, 3, 4]) == [2, 3, 4]
     ours = LayoutScalingPolicy(scaling(), trained_workers(cfg), "raymoe/resize/test")
-    ours._saved_for_grow = lambda: True  # the group saved when asked: test_a_grow_waits_for_the_groups_checkpoint
-    assert _join_one_node_at_a_time(ours, 4) == [2, 4]
+    assert group_starts(ours, [1, 2, 3, 4]) == [2, 4]  # its grow's checkpoint: the next test
 
 
 def test_a_grow_waits_for_the_groups_checkpoint(monkeypatch):

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ray.experimental.internal_kv import _internal_kv_del, _internal_kv_get, _internal_kv_put
 from ray.train.v2._internal.execution.scaling_policy import (
@@ -79,3 +80,29 @@ class LayoutScalingPolicy(ElasticScalingPolicy):
             self.grow_asked_at = None
             return True
         return False
+
+
+def group_starts(policy: ElasticScalingPolicy, held: list[int]) -> list[int]:
+    """The group sizes a controller with ``policy`` starts as the cluster comes to hold
+    ``held`` workers, one count after the other (nodes joining): its calls simulated (a
+    decision for a group not yet running, then one per count for the running group, every
+    resize check due), the cluster's resources given directly, a grow's checkpoint taken as
+    saved. What bench/elastic.py counts restarts with, at the reference's sizes."""
+    from types import SimpleNamespace
+
+    policy._maybe_send_resource_request = lambda: None  # type: ignore[method-assign]
+    policy.scaling_config.elastic_resize_monitor_interval_s = 0.0
+    if isinstance(policy, LayoutScalingPolicy):
+        policy._saved_for_grow = lambda: True  # type: ignore[method-assign]
+    per_worker = policy.scaling_config._resources_per_worker_not_none
+    started: list[int] = []
+    group: Any = None
+    for workers in held:
+        reserved = {f"node{i}": dict(per_worker) for i in range(workers)}
+        policy._get_reserved_resources = lambda reserved=reserved: reserved  # type: ignore[method-assign,misc]
+        decision = (policy.make_decision_for_non_running_worker_group() if group is None else
+                    policy.make_decision_for_running_worker_group(group, None))  # type: ignore[arg-type]
+        if isinstance(decision, ResizeDecision):
+            started.append(decision.num_workers)
+            group = SimpleNamespace(num_workers=decision.num_workers, start_time=float("-inf"))
+    return started
