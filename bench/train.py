@@ -5,8 +5,11 @@
    first and the last logged step (a report every 10 steps, as the presets log). Goal >= 0.95.
 2. Table 2 at small scale: samples/s of tiny-moe8 against a dense GPT of about 5x its
    active parameters, same data and steps, both on Ray Train.
+3. train.precision: wall-clock tokens/s of the study's models (jobs/configs/study-tiny.yaml)
+   in fp32 and in bf16 autocast, one process of one thread (a worker's share), and their
+   ratio; ``auto`` picks the faster where the CPU has native bf16 (raymoe.model.precision).
 
-    python bench/train.py [--steps 60]
+    python bench/train.py [--steps 60] [--precision-only]
 """
 
 from __future__ import annotations
@@ -77,10 +80,42 @@ def GPT_active(cfg) -> int:  # noqa: N802
         return GPT(cfg.model).num_parameters(active_only=True)
 
 
+STUDY_MODELS = {"dense-base": ("tiny", []),
+                "base-moe16": ("tiny-moe8", ["model.moe.num_experts=16"]),
+                "dense-4x": ("tiny", ["model.d_model=256", "model.n_layer=5"])}
+
+
+def one_process_tokens_per_s(preset: str, overrides: list[str]) -> float:
+    """The training loop in this process alone (no process group), as a worker runs it."""
+    from raymoe.train.loop import FileHooks, Trainer
+
+    cfg = load_config(preset, [*overrides, "parallel.num_workers=1"])
+    run_dir = Path(cfg.train.storage) / cfg.train.run_name
+    Trainer(cfg, FileHooks(run_dir, cfg.train.keep_checkpoints, 0), torch.device("cpu"),
+            metrics_uri=run_dir / "metrics", log=lambda _: None).run()
+    return wall_tokens_per_s(run_dir / "metrics")
+
+
+def precision_rows(common: list[str], steps: int) -> list[str]:
+    """Part 3."""
+    torch.set_num_threads(1)  # as Ray Train gives its workers
+    tiny = load_config("tiny")
+    rows = [f"one process, one thread, {steps} steps, global batch {tiny.train.global_batch} x "
+            f"{tiny.model.seq_len} tokens"]
+    for name, (preset, overrides) in STUDY_MODELS.items():
+        rates = {p: one_process_tokens_per_s(preset, [*common, *overrides, f"train.precision={p}",
+                                                      f"train.run_name={name}-{p}"])
+                 for p in ("fp32", "bf16")}
+        rows.append(f"{name} ({' '.join([preset, *overrides])}): fp32 {rates['fp32']:,.0f} tokens/s   "
+                    f"bf16 {rates['bf16']:,.0f} tokens/s   bf16 / fp32 = {rates['bf16'] / rates['fp32']:.2f}")
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--torchrun-worker", nargs=2, metavar=("CONFIG_JSON", "ADDRESS"))
+    parser.add_argument("--precision-only", action="store_true", help="only part 3")
     args = parser.parse_args()
     if args.torchrun_worker:
         torchrun_worker(*args.torchrun_worker)
@@ -96,33 +131,40 @@ def main() -> None:
                 log=lambda _: None)
         common = [f"data.path={data}", f"train.storage={tmp}", f"train.max_steps={args.steps}",
                   "train.log_every=10", "train.checkpoint_every=1000", "train.eval_every=100000"]
-
-        def run_ray(name: str, *extra: str) -> Path:
-            train_on_ray(load_config("tiny-moe8" if "dense" not in name else "tiny",
-                                     [*common, f"train.run_name={name}", *extra]))
-            return Path(tmp) / name / "metrics"
-
-        ray_rate = wall_tokens_per_s(run_ray("ray"))
-        cfg = load_config("tiny-moe8", [*common, "train.run_name=torchrun"])
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                        "--nproc_per_node=2", __file__, "--torchrun-worker",
-                        json.dumps(cfg.to_dict()), context.address_info["address"]],
-                       check=True, cwd=REPO)
-        torchrun_rate = wall_tokens_per_s(Path(tmp) / "torchrun" / "metrics")
-        moe_cfg = load_config("tiny-moe8")
-        dense_overrides = dense_of_5x_active(moe_cfg)
-        dense_cfg = load_config("tiny", dense_overrides)
-        moe_rate = median_samples_per_s(run_ray("moe-table2"))
-        dense_rate = median_samples_per_s(run_ray("dense-table2", *dense_overrides))
-    print(f"tiny-moe8, 2 CPU workers (gloo), {args.steps} steps, global batch "
-          f"{moe_cfg.train.global_batch} x {moe_cfg.model.seq_len} tokens")
-    print(f"Ray Train: {ray_rate:,.0f} tokens/s   torchrun: {torchrun_rate:,.0f} tokens/s   "
-          f"Ray / torchrun = {ray_rate / torchrun_rate:.3f}")
-    print(f"tiny-moe8 ({GPT_active(moe_cfg):,} active of {GPT(moe_cfg.model).num_parameters():,}) "
-          f"{moe_rate:.1f} samples/s; dense {dense_overrides[0]} ({GPT_active(dense_cfg):,}, "
-          f"{GPT_active(dense_cfg) / GPT_active(moe_cfg):.1f}x active) {dense_rate:.1f} samples/s; "
-          f"MoE / dense = {moe_rate / dense_rate:.2f}x")
+        rows = [] if args.precision_only else ray_rows(common, tmp, args.steps, context.address_info["address"])
+        rows += precision_rows(common, args.steps)
+    print("\n".join(rows))
     ray.shutdown()
+
+
+def ray_rows(common: list[str], tmp: str, steps: int, address: str) -> list[str]:
+    """Parts 1 and 2."""
+
+    def run_ray(name: str, *extra: str) -> Path:
+        train_on_ray(load_config("tiny-moe8" if "dense" not in name else "tiny",
+                                 [*common, f"train.run_name={name}", *extra]))
+        return Path(tmp) / name / "metrics"
+
+    ray_rate = wall_tokens_per_s(run_ray("ray"))
+    cfg = load_config("tiny-moe8", [*common, "train.run_name=torchrun"])
+    subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                    "--nproc_per_node=2", __file__, "--torchrun-worker",
+                    json.dumps(cfg.to_dict()), address],
+                   check=True, cwd=REPO)
+    torchrun_rate = wall_tokens_per_s(Path(tmp) / "torchrun" / "metrics")
+    moe_cfg = load_config("tiny-moe8")
+    dense_overrides = dense_of_5x_active(moe_cfg)
+    dense_cfg = load_config("tiny", dense_overrides)
+    moe_rate = median_samples_per_s(run_ray("moe-table2"))
+    dense_rate = median_samples_per_s(run_ray("dense-table2", *dense_overrides))
+    return [f"tiny-moe8, 2 CPU workers (gloo), {steps} steps, global batch "
+            f"{moe_cfg.train.global_batch} x {moe_cfg.model.seq_len} tokens",
+            f"Ray Train: {ray_rate:,.0f} tokens/s   torchrun: {torchrun_rate:,.0f} tokens/s   "
+            f"Ray / torchrun = {ray_rate / torchrun_rate:.3f}",
+            f"tiny-moe8 ({GPT_active(moe_cfg):,} active of {GPT(moe_cfg.model).num_parameters():,}) "
+            f"{moe_rate:.1f} samples/s; dense {dense_overrides[0]} ({GPT_active(dense_cfg):,}, "
+            f"{GPT_active(dense_cfg) / GPT_active(moe_cfg):.1f}x active) {dense_rate:.1f} samples/s; "
+            f"MoE / dense = {moe_rate / dense_rate:.2f}x"]
 
 
 if __name__ == "__main__":

@@ -26,6 +26,10 @@ class ConfigError(RaymoeError, ValueError):
     """A configuration value or key is wrong; the message names the dotted key."""
 
 
+Precision = Literal["auto", "fp32", "bf16"]
+"""train.precision (raymoe.model.precision)."""
+
+
 @dataclass
 class MoEConfig:
     """Mixture-of-Experts feed-forward layers (DeepSpeed-MoE semantics)."""
@@ -106,7 +110,7 @@ class ParallelConfig:
     """fsdp: dense parameters, gradients and AdamW states sharded over the data-parallel
     ranks (FSDP2), experts over their expert-data-parallel group; none: replicated."""
     reduce_dtype: Literal["float32", "bfloat16"] = "float32"
-    """The dtype gradients are reduced in on GPU (compute is bf16 there either way)."""
+    """The dtype gradients are reduced in where the compute is bf16 (train.precision)."""
     grad_sync: Literal["last_micro_batch", "every_micro_batch"] = "last_micro_batch"
     """shard fsdp with gradient accumulation: reduce-scatter the gradients once per step,
     after the last micro-batch (less traffic; each rank holds the unsharded fp32 gradients
@@ -210,6 +214,11 @@ class TrainConfig:
     """Defaults to the config's name; the same name and storage resume a run."""
     peak_flops: float = 0.0
     """Per-worker peak FLOP/s for MFU; 0 looks the GPU up (none on CPU)."""
+    precision: Precision = "auto"
+    """Compute precision: bf16 autocast (routers and log-probabilities in fp32; FSDP gathers
+    bf16 parameters) or plain fp32. auto: bf16 on GPU, and on a CPU with native bf16 from
+    model.d_model 256 on, where it is faster (raymoe.model.precision); bf16 on a CPU
+    without native bf16 is an error."""
 
 
 @dataclass

@@ -1,10 +1,11 @@
 """The per-worker loop in one process (no Ray Train): non-finite steps are skipped, then
 stopped with the layer named, keeping the last good checkpoint; plain-file checkpoints;
-the host syncs of a whole step."""
+the host syncs of a whole step; train.precision=bf16 reaches training and validation."""
 
 from __future__ import annotations
 
 import math
+from unittest import mock
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from one_process import StepCounts
 from test_train import config
 
 from raymoe.host_syncs import count_host_syncs
+from raymoe.model import precision
+from raymoe.model.moe import Router
 from raymoe.runs import latest_checkpoint, step_directory
 from raymoe.train.loop import FileHooks, NonFiniteLossError, Trainer
 
@@ -72,3 +75,18 @@ def test_a_step_that_does_not_log_reads_the_host_once(dataset, tmp_path):
         trainer.run()
     assert [hooks.per_step()[step] for step in (2, 3, 4)] == [1, 1, 1], synced
     assert hooks.saved() == [5]
+
+
+def test_bf16_precision_reaches_training_and_validation(dataset, tmp_path):
+    cfg = config(dataset, str(tmp_path), "bf16", "parallel.num_workers=1", "train.max_steps=2",
+                 "train.eval_every=2", "train.eval_batches=1", "train.precision=bf16")
+    with mock.patch.object(precision, "cpu_has_native_bf16", return_value=True):  # any CPU computes it
+        trainer = make_trainer(cfg, tmp_path / "bf16")
+    seen: set[tuple[str, bool, torch.dtype]] = set()
+    trainer.model.blocks[0].attn.qkv.register_forward_hook(
+        lambda m, _i, out: seen.add(("attention", m.training, out.dtype)))
+    for router in (m for m in trainer.model.modules() if isinstance(m, Router)):
+        router.register_forward_hook(lambda m, _i, out: seen.add(("router", m.training, out.dtype)))
+    assert math.isfinite(trainer.run().validation_loss)
+    assert seen == {(module, training, dtype) for training in (True, False)
+                    for module, dtype in (("attention", torch.bfloat16), ("router", torch.float32))}

@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor, Shard
 
 from raymoe.config import Config
 from raymoe.model import GPT
-from raymoe.model.precision import autocast_dtype
+from raymoe.model.precision import training_dtype
 from raymoe.parallel.mesh import Mesh
 from raymoe.parallel.shard import shard_model
 
@@ -31,7 +31,7 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> GPT:
     with torch.device("meta"):
         model = GPT(cfg.model, mesh.expert_exchange())
     if cfg.parallel.shard == "fsdp":
-        shard_model(model, mesh, autocast_dtype(device), cfg.parallel.reduce_dtype)
+        shard_model(model, mesh, training_dtype(cfg, device), cfg.parallel.reduce_dtype)
     model.to_empty(device=device)
     initialise(model)
     return model

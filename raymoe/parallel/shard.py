@@ -12,8 +12,9 @@ The reduce-scatter's divide factors keep the gradient exact (see raymoe.parallel
 dense gradients are averaged over all N ranks (FSDP's default over a group of N), expert
 gradients are summed over their EDP group and divided by N, not by the group's size.
 
-On GPU parameters are all-gathered in bf16 for compute and gradients reduced in fp32
-(``parallel.reduce_dtype``); routers keep fp32 parameters, as the gate computes in fp32.
+Where the compute is bf16 (``train.precision``; on GPU, and on gloo alike) parameters are
+all-gathered in bf16 and gradients reduced in fp32 (``parallel.reduce_dtype``); routers
+keep fp32 parameters, as the gate computes in fp32.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def shard_model(model: GPT, mesh: Mesh, param_dtype: torch.dtype | None = None,
                 reduce_dtype: str = "float32") -> GPT:
     """Shard ``model`` in place (it stays a GPT); nothing to shard in one process.
 
-    ``param_dtype``: the dtype of the gathered parameters (bf16 on GPU, None keeps fp32).
+    ``param_dtype``: the dtype of the gathered parameters (bf16 where the compute is, None
+    keeps fp32).
     """
     if not mesh.is_distributed:
         return model

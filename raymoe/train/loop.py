@@ -23,7 +23,7 @@ from raymoe.data.shards import DatasetError
 from raymoe.data.stream import Cursor, SequenceReader
 from raymoe.data.tokenizers import TOKENIZER_FILE
 from raymoe.errors import RaymoeError
-from raymoe.model.precision import autocast, autocast_dtype
+from raymoe.model.precision import autocast_to, training_dtype
 from raymoe.parallel import Mesh
 from raymoe.parallel.build import build_model
 from raymoe.parallel.checkpoint import CheckpointSource, describe_written, save_checkpoint
@@ -115,6 +115,8 @@ class Trainer:
         self.rank, self.world = self.mesh.dp_rank, self.mesh.dp_size
         """This rank's part of every batch, and how many parts there are."""
         torch.manual_seed(cfg.train.seed)  # same dense init on every rank
+        self.compute_dtype = training_dtype(cfg, device)
+        """bf16 autocast, or None: fp32 (train.precision)."""
         self.model = build_model(cfg, self.mesh, device)  # never whole on a rank
         self.facts = RunFacts(global_batch=cfg.train.global_batch, workers=self.world,
                               ep_size=self.mesh.ep_size,
@@ -207,6 +209,7 @@ class Trainer:
             self.log(f"training {cfg.name}: {self.model.num_parameters():,} parameters "
                      f"({self.model.num_parameters(active_only=True):,} active), "
                      f"{self.world} workers, EP {cfg.parallel.ep_size}, shard {cfg.parallel.shard}, "
+                     f"{'bf16' if self.compute_dtype else 'fp32'}, "
                      f"{self.accumulation} micro-batches of {t.micro_batch} per worker and step")
         while not self._done():
             lr = learning_rate(self.tokens, cfg.optim)
@@ -214,7 +217,7 @@ class Trainer:
             wait_before = self.reader.wait_seconds
             timer.start()
             result = train_step(self.model, self.optimizer, self.mesh, self._micro_batches(),
-                                cfg.optim.grad_clip, autocast_dtype(self.device),
+                                cfg.optim.grad_clip, self.compute_dtype,
                                 cfg.parallel.grad_sync == "every_micro_batch",
                                 summed=[self.cadence.elapsed(),
                                         *self.restarts.scalars(seconds, self.hooks.grow_requested())])
@@ -283,7 +286,7 @@ class Trainer:
         with reader:
             for _ in range(self.cfg.train.eval_batches):
                 inputs, targets = self._next_batch(reader)
-                with autocast(self.device):
+                with autocast_to(self.device, self.compute_dtype):
                     total += torch.stack([self.model(inputs, targets).lm_loss.float(),
                                           torch.ones((), device=self.device)])
         if self.mesh.is_distributed:

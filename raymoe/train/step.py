@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.distributed.fsdp import FSDPModule
 
 from raymoe.model import GPT
+from raymoe.model.precision import autocast_to
 from raymoe.parallel.grads import global_grad_norm, local_grad, reduce_gradients, scale_gradients
 from raymoe.parallel.mesh import Mesh
 from raymoe.train.transfer import to_device
@@ -66,8 +67,7 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, mesh: Mesh,
     for i, (inputs, targets) in enumerate(batches):
         if isinstance(model, FSDPModule):
             model.set_requires_gradient_sync(sync_every_micro_batch or i == len(batches) - 1)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
-                            enabled=autocast_dtype is not None):
+        with autocast_to(device, autocast_dtype):
             out = model(inputs, targets)
         (out.loss / len(batches)).backward()
         means += torch.stack([out.loss.detach(), out.lm_loss.detach(), out.l_aux.detach(),
