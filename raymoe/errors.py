@@ -14,6 +14,30 @@ class RaymoeError(Exception):
     Anything else is a bug and keeps its traceback."""
 
 
+class TransientError(Exception):
+    """Marks a RaymoeError raised for an I/O failure that may pass (storage unreachable or
+    throttled, a connection reset, a timeout): a restart may succeed, so a training run's
+    failure policy retries it on train.max_failures instead of ending the run
+    (raymoe.train.failures). The class survives the trip from a Ray worker, where an
+    exception's ``__cause__`` does not."""
+
+
+_PASSING = ("NETWORK_CONNECTION", "Connection refused", "Connection reset", "connection was reset",
+            "timed out", "Timeout", "TIMEOUT", "SlowDown", "ServiceUnavailable", "Service Unavailable",
+            "InternalError", "RequestTimeout", "Broken pipe", "Temporary failure", "curlCode",
+            "Could not connect", "Unable to connect", "HTTP response code: 500", "HTTP response code: 503")
+"""What pyarrow's S3 and local errors say when the failure may pass; anything else (no
+permission, no such bucket or key, bytes that do not decode) comes back every time."""
+
+
+def may_pass(err: OSError) -> bool:
+    """Whether an I/O error may pass if tried again (storage unreachable or throttled, a
+    reset connection, a timeout), rather than come back every time."""
+    if isinstance(err, (ConnectionError, TimeoutError)):
+        return True
+    return any(marker in str(err) for marker in _PASSING)
+
+
 def _causes(err: BaseException) -> Iterator[BaseException]:
     """The error, then what it wraps, breadth first: a Ray task's ``cause``, Python's
     ``__cause__`` / ``__context__``, and what Ray Train's typed failures hold (the

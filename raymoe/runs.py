@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 from raymoe.data.storage import is_s3, locate
 from raymoe.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_from_json
-from raymoe.errors import RaymoeError
+from raymoe.errors import RaymoeError, TransientError
 
 if TYPE_CHECKING:
     from raymoe.config import Config
@@ -43,6 +43,11 @@ STEP_DIR = re.compile(r"^step-(\d+)$")
 
 class CheckpointError(RaymoeError, RuntimeError):
     """A checkpoint is missing, incomplete, or of another model."""
+
+
+class CheckpointUnavailable(CheckpointError, TransientError):
+    """A checkpoint could not be read for a reason that may pass (storage unreachable,
+    throttled, a reset connection)."""
 
 
 def step_name(step: int) -> str:

@@ -98,9 +98,9 @@ def test_an_elastic_group_restarts_only_for_a_new_layout():
 
 
 def test_a_grow_waits_for_the_groups_checkpoint(monkeypatch):
-    """The policy asks the running group for a checkpoint (a key in Ray's key-value store,
-    here a dict) and grows once the group's record shows one saved since, or after its
-    timeout."""
+    """The policy asks the running group for a checkpoint (a request id in Ray's key-value
+    store, here a dict) and grows once the group's record says that request's checkpoint
+    is in storage, or after its timeout; a request the cluster no longer backs is withdrawn."""
     import json
 
     from ray.train.v2.api.config import ScalingConfig
@@ -114,16 +114,20 @@ def test_a_grow_waits_for_the_groups_checkpoint(monkeypatch):
     now = [1000.0]
     policy = scaling.LayoutScalingPolicy(ScalingConfig(num_workers=(2, 4)), {2: 2, 3: 2, 4: 4},
                                          "raymoe/resize/run", clock=lambda: now[0])
+    request_key = b"raymoe/resize/run/grow"
 
-    def record(*saved_at: float) -> None:
-        store[b"raymoe/resize/run"] = json.dumps({"saved": {str(i): t for i, t in enumerate(saved_at)}}).encode()
+    def ready_for(request: str) -> None:
+        store[b"raymoe/resize/run"] = json.dumps({"saved": {}, "ready_for": request}).encode()
 
-    record(900.0)
-    assert not policy._saved_for_grow() and store[b"raymoe/resize/run/grow"] == b"1"  # asked
-    now[0] = 1005.0
-    assert not policy._saved_for_grow()  # the only checkpoint is older than the request
-    record(900.0, 1003.0)
-    assert policy._saved_for_grow() and b"raymoe/resize/run/grow" not in store
-    assert not policy._saved_for_grow()  # the next grow asks again
+    assert not policy._saved_for_grow()
+    request = store[request_key].decode()  # asked
+    ready_for("an older request")
+    assert not policy._saved_for_grow()
+    ready_for(request)
+    assert policy._saved_for_grow() and request_key not in store
+    assert not policy._saved_for_grow() and request_key in store  # the next grow asks anew
+    policy._withdraw()  # the cluster no longer backs it
+    assert request_key not in store and policy.request is None
+    assert not policy._saved_for_grow()
     now[0] += scaling.GROW_SAVE_TIMEOUT_SECONDS + 1
     assert policy._saved_for_grow()  # a group that never saves is grown all the same

@@ -3,11 +3,12 @@ the run on a warned and lost node is in test_multinode."""
 
 from __future__ import annotations
 
-from raymoe.train.preemption import HOLD_PAST_DEADLINE_SECONDS, RestartGuard, seconds_to_preemption
+import raymoe.train.preemption as preemption
+from raymoe.train.preemption import HOLD_PAST_DEADLINE_SECONDS, RestartGuard, preemption_warning
 
 
 def test_no_warning_outside_ray_train_and_none_without_one():
-    assert seconds_to_preemption() is None
+    assert preemption_warning() == (False, None)
     guard = RestartGuard(save_seconds=30, grow_wait_seconds=70, log=lambda _: None)
     assert guard.scalars(2.0, grow_requested=False) == [0.0, 0.0, 2.0, 0.0]
     agreed = guard.agree([0.0, 0.0, 8.0, 0.0], world=4)
@@ -44,4 +45,14 @@ def test_holding_waits_past_the_deadline_then_trains_on():
     assert lines[0].startswith("step 12: saved before the preemption (20 s left); holding")
     assert lines[1] == "step 12: no restart came within 80 s of the preemption's checkpoint; training on"
     assert lines[2] == "step 13: saved before the group grows; holding until it restarts larger"
-    assert guard.checkpoint_now(agreed) == "preemption"  # a later warning gets its own checkpoint
+    assert guard.checkpoint_now(agreed) is None  # one checkpoint a warning, whatever comes after
+    assert guard.checkpoint_now(grow) == "grow"  # a new grow request does get one
+
+
+def test_a_warning_without_a_deadline_gets_rays_two_minutes_from_first_sight(monkeypatch):
+    now = [500.0]
+    monkeypatch.setattr(preemption, "preemption_warning", lambda: (True, None))
+    guard = RestartGuard(save_seconds=30, grow_wait_seconds=70, log=lambda _: None, clock=lambda: now[0])
+    assert guard.scalars(1.0, grow_requested=False) == [1.0, 120.0, 1.0, 0.0]
+    now[0] += 100
+    assert guard.scalars(1.0, grow_requested=False) == [1.0, 20.0, 1.0, 0.0]

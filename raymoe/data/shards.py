@@ -29,7 +29,7 @@ import pyarrow.parquet as pq
 
 from raymoe.data.storage import Location, StorageError, locate
 from raymoe.data.tokenizers import TOKENIZER_FILE, Tokenizer, load_tokenizer, tokenizer_from_json
-from raymoe.errors import RaymoeError
+from raymoe.errors import RaymoeError, TransientError, may_pass
 
 FORMAT = "raymoe-dataset/2"
 MANIFEST = "manifest.json"
@@ -39,6 +39,15 @@ ROW_GROUP_DIGESTS = b"raymoe.row_group_sha256"
 
 class DatasetError(RaymoeError, ValueError):
     """A prepared dataset is missing, incomplete or corrupt; the message names the file."""
+
+
+class DatasetUnavailable(DatasetError, TransientError):
+    """A dataset's file could not be read for a reason that may pass (storage unreachable,
+    throttled, a reset connection)."""
+
+
+def _unreadable(err: BaseException) -> type[DatasetError]:
+    return DatasetUnavailable if isinstance(err, OSError) and may_pass(err) else DatasetError
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -156,7 +165,7 @@ class ShardFile:
         except FileNotFoundError as err:
             raise DatasetError(f"shard {self.name}: missing") from err
         except (pa.ArrowInvalid, OSError, ValueError) as err:
-            raise DatasetError(f"shard {self.name}: not a readable parquet file: {err}") from err
+            raise _unreadable(err)(f"shard {self.name}: not a readable parquet file: {err}") from err
         listing = (self.file.schema_arrow.metadata or {}).get(ROW_GROUP_DIGESTS, b"")
         if sha256(listing) != shard.checksum:
             raise DatasetError(f"shard {self.name}: checksum does not match the shard table "
@@ -178,7 +187,7 @@ class ShardFile:
             column = self.file.read_row_group(index).column("tokens").combine_chunks()
             rows = column.values.to_numpy(zero_copy_only=False).reshape(-1, self.width)
         except (pa.ArrowInvalid, OSError) as err:
-            raise DatasetError(f"shard {self.name}: row group {index} cannot be decoded, checksum "
+            raise _unreadable(err)(f"shard {self.name}: row group {index} cannot be decoded, checksum "
                                f"does not match (corrupt or replaced): {err}") from err
         if sha256(np.ascontiguousarray(rows).tobytes()) != self.digests[index]:
             raise DatasetError(f"shard {self.name}: row group {index}: checksum does not match "

@@ -14,11 +14,15 @@ from dataclasses import dataclass
 
 import pyarrow.fs as pafs
 
-from raymoe.errors import RaymoeError
+from raymoe.errors import RaymoeError, TransientError, may_pass
 
 
 class StorageError(RaymoeError, OSError):
     """A path or bucket cannot be read or written; the message names it."""
+
+
+class StorageUnavailable(StorageError, TransientError):
+    """Storage failed in a way that may pass (unreachable, throttled, a reset connection)."""
 
 
 def is_s3(uri: str) -> bool:
@@ -115,7 +119,8 @@ class Location:
         except FileNotFoundError as err:
             raise StorageError(f"{self.uri}: {err.args[0] if err.args else err}") from err
         except OSError as err:
-            raise StorageError(f"cannot {action} {self.uri}: {err}") from err
+            kind = StorageUnavailable if may_pass(err) else StorageError
+            raise kind(f"cannot {action} {self.uri}: {err}") from err
 
 
 def locate(uri: str) -> Location:

@@ -41,11 +41,12 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.tensor import DTensor, Replicate, Shard
 
 from raymoe.data.storage import Location, locate
+from raymoe.errors import may_pass
 from raymoe.model.moe import MoELayer, is_expert_parameter
 from raymoe.parallel.checkpoint_reader import ByteCount, RangedReader
 from raymoe.parallel.mesh import Mesh
 from raymoe.parallel.shard import is_sharded
-from raymoe.runs import FORMAT, MANIFEST, CheckpointError, read_manifest
+from raymoe.runs import FORMAT, MANIFEST, CheckpointError, CheckpointUnavailable, read_manifest
 
 HYPERPARAMETERS = ("lr", "betas", "eps", "weight_decay")
 """The optimizer's per-group settings a checkpoint restores (not device choices like fused)."""
@@ -243,7 +244,9 @@ class CheckpointSource:
         try:
             dcp.load(state, storage_reader=reader, no_dist=not mesh.is_distributed)
         except CheckpointException as err:
-            raise CheckpointError(f"{uri}: could not be read: {_first_failure(err)}") from err
+            first = _first_failure(err)
+            kind = CheckpointUnavailable if isinstance(first, OSError) and may_pass(first) else CheckpointError
+            raise kind(f"{uri}: could not be read: {first}") from err
         if optimizer is not None:
             for group, saved_group in zip(optimizer.param_groups, manifest["param_groups"], strict=True):
                 group.update({k: tuple(v) if isinstance(v, list) else v for k, v in saved_group.items()})
@@ -311,10 +314,10 @@ def _check_parameters(directory: str, state: dict[str, Tensor], saved: dict[str,
                                   f"{size} in the checkpoint but {tuple(tensor.shape)} in the model")
 
 
-def _first_failure(err: CheckpointException) -> str:
+def _first_failure(err: CheckpointException) -> BaseException:
     """The first rank's exception (DCP pairs each with its traceback)."""
     failures = list(err.failures.values())
     if not failures:
-        return str(err)
+        return err
     first = failures[0]
-    return str(first[0] if isinstance(first, tuple) else first)
+    return first[0] if isinstance(first, tuple) else first

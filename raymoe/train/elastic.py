@@ -65,6 +65,11 @@ class ResizeLog:
         self.written = float("-inf")
         self._write()
 
+    def ready_for(self, request: str) -> None:
+        """The group's checkpoint for grow ``request`` is in storage on every rank."""
+        self.record["ready_for"] = request
+        self._write()
+
     def _write(self) -> None:
         _internal_kv_put(self.key, json.dumps(self.record).encode(), overwrite=True)
         self.written = time.monotonic()
@@ -105,10 +110,20 @@ class ResizeLog:
 
 
 class ElasticHooks:
-    """The run's hooks (Ray Train's); rank 0 keeps the ResizeLog."""
+    """The run's hooks (Ray Train's); rank 0 keeps the ResizeLog and, in an elastic run,
+    watches for raymoe.train.scaling's request to grow the group (at most once a second,
+    off the step's critical path otherwise): each request is reported once, and once its
+    checkpoint is in storage on every rank the record says it is ready."""
 
-    def __init__(self, inner: RunHooks, resize_log: ResizeLog | None):
-        self.inner, self.resize_log = inner, resize_log
+    POLL_SECONDS = 1.0
+
+    def __init__(self, inner: RunHooks, resize_log: ResizeLog | None, elastic: bool,
+                 clock: Callable[[], float] = time.monotonic):
+        self.inner, self.resize_log, self.clock = inner, resize_log, clock
+        self.watch = elastic and resize_log is not None
+        self.polled = float("-inf")
+        self.seen: str | None = None
+        """The last grow request reported to the group."""
 
     def latest_checkpoint(self) -> contextlib.AbstractContextManager[str | None]:
         return self.inner.latest_checkpoint()
@@ -119,10 +134,28 @@ class ElasticHooks:
     def report(self, metrics: dict[str, Any], checkpoint_dir: Path | None, step: int,
                wait_for_upload: bool = False) -> None:
         self.inner.report(metrics, checkpoint_dir, step, wait_for_upload)
+        if wait_for_upload and checkpoint_dir is not None:
+            if dist.is_initialized():
+                dist.barrier()  # every rank's part is in storage, not only rank 0's
+            if self.resize_log is not None and self.seen is not None:
+                self.resize_log.ready_for(self.seen)
 
     def on_step(self, step: int, seconds: float, saved: bool) -> None:
         if self.resize_log is not None:
             self.resize_log.on_step(step, seconds, saved)
 
     def grow_requested(self) -> bool:
-        return self.resize_log is not None and _internal_kv_get(grow_key(self.resize_log.key)) is not None
+        if not self.watch or self.clock() - self.polled < self.POLL_SECONDS:
+            return False
+        self.polled = self.clock()
+        assert self.resize_log is not None
+        try:
+            raw = _internal_kv_get(grow_key(self.resize_log.key))
+        except Exception as err:  # the GCS busy: ask again at the next poll, never fail the step
+            self.resize_log.log(f"grow request not read: {err}")
+            return False
+        request = raw.decode() if raw else None
+        if request is None or request == self.seen:
+            return False
+        self.seen = request
+        return True

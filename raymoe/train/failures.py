@@ -5,6 +5,8 @@ other worker errors are retried up to ``train.max_failures`` and preemptions up 
 A corrupt shard, a checkpoint from another model, a storage permission error, a GPU the
 config does not fit: each comes back after a resume, so retrying it restarts the whole
 worker group (128 GPUs) from the same checkpoint for nothing, as often as the budget allows.
+Storage that is unreachable or throttled for a while (an S3 503, a reset connection) may
+pass, and is retried on ``train.max_failures`` like any worker error.
 Ray Train 2.60 retries every worker error alike and builds its failure policy from the
 FailureConfig alone; ``RaymoeTorchTrainer`` is the one place that gives it this policy
 instead, and an elastic run raymoe.train.scaling's (``_initialize_and_run_controller`` is
@@ -25,7 +27,7 @@ from ray.train.v2.api.exceptions import TrainingFailedError, WorkerGroupError
 
 from raymoe.config import TrainConfig
 from raymoe.data.storage import StorageError
-from raymoe.errors import RaymoeError, find_cause
+from raymoe.errors import RaymoeError, TransientError, find_cause, may_pass
 from raymoe.train.scaling import LayoutScalingPolicy
 
 logger = logging.getLogger(__name__)
@@ -73,8 +75,10 @@ class RunStorage:
 
 
 class UsersErrorsEndTheRun(DefaultFailurePolicy):
-    """Ray's budgets, except that a worker group failure caused by a RaymoeError or by the
-    run's storage (not a preemption's collateral) is raised at once, never retried."""
+    """Ray's budgets, except that a worker group failure caused by the user's error that a
+    restart would meet again (a RaymoeError, or the run's storage refusing: not an I/O
+    failure that may pass, raymoe.errors.TransientError; not a preemption's collateral) is
+    raised at once, never retried."""
 
     def __init__(self, failure_config: FailureConfig, storage: RunStorage):
         super().__init__(failure_config)
@@ -83,7 +87,7 @@ class UsersErrorsEndTheRun(DefaultFailurePolicy):
     def make_decision(self, training_failed_error: TrainingFailedError) -> FailureDecision:
         if (isinstance(training_failed_error, WorkerGroupError)
                 and not _is_preemption_failure(training_failed_error)):
-            users = self.storage.failure(training_failed_error) or find_cause(training_failed_error, RaymoeError)
+            users = self.final_error(training_failed_error)
             if users is not None:
                 logger.warning("the run stops (the user's error, not retried): %s", users)
                 return FailureDecision.RAISE
@@ -91,6 +95,15 @@ class UsersErrorsEndTheRun(DefaultFailurePolicy):
         if isinstance(training_failed_error, WorkerGroupError) or _is_preemption_failure(training_failed_error):
             logger.warning(self.describe(training_failed_error, decision))
         return decision
+
+    def final_error(self, error: TrainingFailedError) -> BaseException | None:
+        """The user's error that a restart would meet again, or None."""
+        users = find_cause(error, RaymoeError)
+        if users is not None:
+            return None if isinstance(users, TransientError) else users
+        storage = self.storage.failure(error)
+        io = find_cause(error, OSError)
+        return storage if storage is not None and io is not None and not may_pass(io) else None
 
     def describe(self, error: TrainingFailedError, decision: FailureDecision) -> str:
         """One line: which budget the failure was charged to, how much of it is used, and

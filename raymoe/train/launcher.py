@@ -138,13 +138,14 @@ def _train_worker(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         for reason in layout.skipped:
             log(f"layout: {reason}")
+    elastic = cfg.parallel.elastic
     cfg = layout_config(cfg, layout)
     device = ray.train.torch.get_device()
     check_gpu_fits(cfg, device)
     resize_log = (ResizeLog(loop_config["resize_key"], layout, nodes, log)
                   if rank == 0 else None)
     checkpoints = RayTrainHooks(loop_config["run_uri"], cfg.train.checkpoint_staging, log)
-    hooks = ElasticHooks(checkpoints, resize_log)
+    hooks = ElasticHooks(checkpoints, resize_log, elastic)
     try:
         Trainer(cfg, hooks, device, loop_config["metrics_uri"], log=log).run()
     except torch.OutOfMemoryError as err:

@@ -10,11 +10,12 @@ they train on while there is time, save a checkpoint as late as is safe (the dea
 ``train.preemption_save_seconds`` and two steps), uploaded before the ranks go on, and then
 hold, stepping no further, until the node is gone and Ray Train restarts the group from that
 checkpoint: the resume redoes no step. The checkpoint is complete before the deadline, so
-the surviving ranks need none of Ray's relaxed collectives or grace past it. A warning
-whose node does not go (a drain cancelled) lets the ranks train on once the deadline is
-well past. A group that raymoe.train.scaling is about to restart larger is told the same
-way (rank 0 reads the request; the sum tells everyone): it saves at once and holds, so the
-grow loses no work either.
+the surviving ranks need none of Ray's relaxed collectives or grace past it. Ray Train
+tears the group down at the deadline whether the node went or not; a group still there
+well past it trains on, without a second checkpoint for the same warning. A group that
+raymoe.train.scaling is about to restart larger is told the same way (rank 0 reads the
+request; the sum tells everyone): it saves at once and holds, so the grow loses no work
+either.
 
 Ray Train keeps the warning on each worker (``get_train_context().preemption_context``, what
 its public ``ray.train.get_preemption_info`` broadcasts from rank 0 in a collective of its
@@ -28,20 +29,22 @@ from dataclasses import dataclass
 
 HOLD_PAST_DEADLINE_SECONDS = 60.0
 """How long past the deadline a holding group waits for its node to go."""
+UNSTATED_DEADLINE_SECONDS = 120.0
+"""A warning that names no deadline: Ray Train waits this long from seeing it."""
 
 
-def seconds_to_preemption(clock: Callable[[], float] = time.time) -> float | None:
-    """Seconds until a warned node of this worker's group goes (negative once past), or None
-    when no node was warned, or outside a Ray Train worker."""
+def preemption_warning() -> tuple[bool, float | None]:
+    """Whether a node of this worker's group was warned, and the deadline (UNIX seconds)
+    if the warning names one; (False, None) outside a Ray Train worker."""
     try:
         from ray.train.v2._internal.execution.context import get_train_context
 
         info = get_train_context().preemption_context.preemption_info
     except (ImportError, AttributeError, RuntimeError, ValueError):
-        return None
-    if info is None or info.deadline_ms is None:
-        return None
-    return info.deadline_ms / 1000.0 - clock()
+        return False, None
+    if info is None:
+        return False, None
+    return True, None if info.deadline_ms is None else info.deadline_ms / 1000.0
 
 
 @dataclass(frozen=True)
@@ -68,11 +71,16 @@ class RestartGuard:
         self.save_seconds, self.grow_wait, self.log = save_seconds, grow_wait_seconds, log
         self.clock, self.sleep = clock, sleep
         self.saved_for: set[str] = set()
+        self.first_warned: float | None = None
 
     def scalars(self, step_seconds: float, grow_requested: bool) -> list[float]:
         """This rank's [warned, seconds left, seconds of its last step, grow requested]."""
-        left = seconds_to_preemption(self.clock)
-        return [0.0 if left is None else 1.0, left or 0.0, step_seconds, float(grow_requested)]
+        warned, deadline = preemption_warning()
+        if warned and deadline is None:
+            self.first_warned = self.first_warned or self.clock()
+            deadline = self.first_warned + UNSTATED_DEADLINE_SECONDS
+        left = deadline - self.clock() if deadline is not None else 0.0
+        return [float(warned), left, step_seconds, float(grow_requested)]
 
     @staticmethod
     def agree(summed: list[float], world: int) -> Agreed:
@@ -104,4 +112,5 @@ class RestartGuard:
             self.log(f"step {step}: saved before the group grows; holding until it restarts larger")
         self.sleep(wait)
         self.log(f"step {step}: no restart came within {wait:.0f} s of the {reason}'s checkpoint; training on")
-        self.saved_for.discard(reason)
+        if reason == "grow":  # a new request has a new id (raymoe.train.elastic); a warning stays
+            self.saved_for.discard(reason)

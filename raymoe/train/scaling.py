@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -47,39 +48,54 @@ def trained_workers(cfg: Config) -> dict[int, int]:
 class LayoutScalingPolicy(ElasticScalingPolicy):
     """Ray's elastic policy, with the workers it could start counted as the layout trains
     on them (below MIN as they are: Ray then waits). Before it grows a running group it asks
-    the group for a checkpoint (raymoe.train.preemption: the group saves and holds) and
-    grows once the group's record (raymoe.train.elastic.ResizeLog, under ``resize_key``)
-    shows one saved since, or after GROW_SAVE_TIMEOUT_SECONDS."""
+    the group for a checkpoint (a request id under ``grow_key(resize_key)``; the group saves,
+    uploads on every rank and holds: raymoe.train.preemption) and grows once the group's
+    record (raymoe.train.elastic.ResizeLog, under ``resize_key``) says that checkpoint of
+    that request is in storage, or after GROW_SAVE_TIMEOUT_SECONDS. A request the cluster
+    no longer backs (the new node gone again, the group restarted) is withdrawn."""
 
     def __init__(self, scaling_config: ScalingConfig, trained: dict[int, int], resize_key: str,
                  clock: Callable[[], float] = time.time):
         super().__init__(scaling_config)
         self.trained, self.resize_key, self.clock = trained, resize_key, clock
-        self.grow_asked_at: float | None = None
+        self.request: str | None = None
+        self.asked_at = 0.0
 
     def _count_possible_workers(self, reserved_resources) -> int:
         available = super()._count_possible_workers(reserved_resources)
         return self.trained.get(available, available)
 
+    def make_decision_for_non_running_worker_group(self) -> ScalingDecision:
+        self._withdraw()
+        return super().make_decision_for_non_running_worker_group()
+
     def make_decision_for_running_worker_group(self, worker_group_state, worker_group_status) -> ScalingDecision:
+        considered = self._latest_monitor_time
         decision = super().make_decision_for_running_worker_group(worker_group_state, worker_group_status)
+        if self._latest_monitor_time == considered:
+            return decision  # between resize checks: nothing was considered, a request stands
         if not isinstance(decision, ResizeDecision) or decision.num_workers <= worker_group_state.num_workers:
+            self._withdraw()
             return decision
         return decision if self._saved_for_grow() else NoopDecision()
 
     def _saved_for_grow(self) -> bool:
         now = self.clock()
-        if self.grow_asked_at is None:
-            self.grow_asked_at = now
-            _internal_kv_put(grow_key(self.resize_key), b"1", overwrite=True)
+        if self.request is None:
+            self.request, self.asked_at = uuid.uuid4().hex, now
+            _internal_kv_put(grow_key(self.resize_key), self.request.encode(), overwrite=True)
             return False
         raw = _internal_kv_get(self.resize_key.encode())
-        saved = json.loads(raw)["saved"].values() if raw else []
-        if any(at >= self.grow_asked_at for at in saved) or now - self.grow_asked_at > GROW_SAVE_TIMEOUT_SECONDS:
-            _internal_kv_del(grow_key(self.resize_key))
-            self.grow_asked_at = None
+        ready = raw is not None and json.loads(raw).get("ready_for") == self.request
+        if ready or now - self.asked_at > GROW_SAVE_TIMEOUT_SECONDS:
+            self._withdraw()
             return True
         return False
+
+    def _withdraw(self) -> None:
+        if self.request is not None:
+            _internal_kv_del(grow_key(self.resize_key))
+            self.request = None
 
 
 def group_starts(policy: ElasticScalingPolicy, held: list[int]) -> list[int]:
