@@ -10,6 +10,7 @@ from raymoe.console import connect_ray
 
 
 def cmd_compare(args: argparse.Namespace) -> None:
+    from raymoe.config import ConfigError
     from raymoe.data.shards import PreparedDataset
     from raymoe.study.plan import format_study_plan, plan_study, trial_configs
     from raymoe.study.run import run_study
@@ -17,8 +18,11 @@ def cmd_compare(args: argparse.Namespace) -> None:
 
     study = load_study(args.study)
     PreparedDataset.open(study.data)  # before Ray: a missing dataset is one line, not a failed trial each
-    if any(cfg.parallel.use_gpu for cfg in trial_configs(study).values()):  # the bill, before paying it
-        print(format_study_plan(plan_study(study)), flush=True)
+    try:  # the bill, before paying it
+        if any(cfg.parallel.use_gpu for cfg in trial_configs(study).values()):
+            print(format_study_plan(plan_study(study)), flush=True)
+    except ConfigError as err:  # that model's trial fails and is reported; the others train
+        print(f"no cost plan: {err}", flush=True)
     connect_ray(args.address, num_cpus=4)
     report = run_study(study, wait=args.wait, timeout=args.timeout)
     print(report.table())

@@ -82,7 +82,10 @@ class Study:
         """Every model trains the study's tokens; its learning rate decays over the share of
         them that its own config decays over (the dense presets: 260B of 300B, as the
         reference scripts; the MoE presets: all of them)."""
-        cfg = load_config(model.config, [*self.overrides, *model.overrides])
+        try:
+            cfg = load_config(model.config, [*self.overrides, *model.overrides])
+        except ConfigError:
+            return self.tokens  # the trial fails on that error, reported in the study's table
         return round(self.tokens * cfg.optim.decay_tokens / cfg.train.total_tokens)
 
 
