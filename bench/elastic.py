@@ -117,6 +117,16 @@ def lost_share(rate: float, cadence_min: float, per_preemption_s: float, stall_s
     return min(per_hour / 3600, 1.0)
 
 
+def lose_node(cluster: MultiNodeCluster, metrics: str, what: str) -> tuple[float, float]:
+    """Kill worker node 1; when, and the seconds to the first step of the group of 2 after it."""
+    lost_at = time.time()
+    cluster.kill_raylet(1)
+    wait_until(lambda: first_step_after(metrics, lost_at, 2) is not None, 600, what)
+    shrunk = first_step_after(metrics, lost_at, 2)
+    assert shrunk is not None
+    return lost_at, shrunk["time"] - lost_at
+
+
 def join_sequence_line() -> str:
     from ray.train.v2._internal.execution.scaling_policy import ElasticScalingPolicy
     from ray.train.v2.api.config import ScalingConfig
@@ -172,13 +182,7 @@ def main() -> None:
         # -- a node lost without a warning
         wait_until(lambda: any(r.get("step", 0) >= 25 for r in read_metrics(metrics)), 600,
                    "25 steps of the group of 4")
-        lost_at = time.time()
-        cluster.kill_raylet(1)
-        wait_until(lambda: first_step_after(metrics, lost_at, 2) is not None, 600,
-                   "the first step of the group of 2")
-        shrunk = first_step_after(metrics, lost_at, 2)
-        assert shrunk is not None
-        restart = shrunk["time"] - lost_at
+        lost_at, restart = lose_node(cluster, metrics, "the first step of the group of 2")
         lines = read_metrics(metrics)
         _, plain = step_gaps(lines, CHECKPOINT_EVERY)
         step_s = statistics.median(plain)
@@ -213,13 +217,8 @@ def main() -> None:
         saved = SAVED.search(log_path.read_text(errors="replace"))
         assert saved is not None
         time.sleep(max(0.0, warned_at + WARNING_SECONDS - time.time()))
-        killed_at = time.time()
-        cluster.kill_raylet(1)
-        wait_until(lambda: first_step_after(metrics, killed_at, 2) is not None, 600,
-                   "the first step of the group of 2 after the warned loss")
-        after_warning = first_step_after(metrics, killed_at, 2)
-        assert after_warning is not None
-        restart_warned = after_warning["time"] - killed_at
+        killed_at, restart_warned = lose_node(cluster, metrics,
+                                              "the first step of the group of 2 after the warned loss")
         lines = read_metrics(metrics)
         reached_w, resumed_w = redone(lines, joined_at, killed_at)
         jit = next(r for r in lines if "lm_loss" in r and r["step"] == int(saved.group(1))
