@@ -52,6 +52,8 @@ class MultiNodeCluster:
     port: int = field(default_factory=free_port)
     dashboard_port: int = field(default_factory=free_port)
     workers: list[Path] = field(default_factory=list)
+    worker_cpus: dict[Path, int] = field(default_factory=dict)
+    """Each worker node's logical CPUs, by its temp dir."""
 
     @property
     def address(self) -> str:
@@ -112,6 +114,7 @@ class MultiNodeCluster:
                                            f"--memory={int(memory_gib * 2**30)}",
                                            "--object-store-memory=200000000"])
         self.workers.append(temp_dir)
+        self.worker_cpus[temp_dir] = cpus
 
     def kill_raylet(self, index: int) -> int:
         """Take worker node ``index`` away as a lost spot node does: its raylet killed by pid
