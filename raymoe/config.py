@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import math
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -154,6 +155,10 @@ class BlendEntry:
     """Relative share of every global batch (the weights need not sum to 1)."""
 
 
+EXTRA_VALIDATION_NAME = re.compile(r"[A-Za-z0-9_-]+")
+"""A name of data.extra_validation: one path segment of a metric and a TensorBoard tag."""
+
+
 @dataclass
 class DataConfig:
     path: str = ""
@@ -166,6 +171,10 @@ class DataConfig:
     shuffle_window: int = 64
     """Shards read together and shuffled into each other: a global batch mixes about
     min(shuffle_window, global batch) shards."""
+    extra_validation: dict[str, str] = field(default_factory=dict)
+    """NAME -> directory or s3:// prefix of another dataset written by `raymoe prepare` (same
+    tokenizer and sequence length): every evaluation also reports its mean LM loss as
+    val_loss/NAME, read from its validation split (its train split if it has none)."""
 
     def sources(self) -> list[BlendEntry]:
         """The datasets to train on with their weights (data.path: one of weight 1)."""
@@ -286,6 +295,11 @@ class Config:
             _require(bool(entry.path), f"data.blend[{i}].path", "must name a prepared dataset")
             _require(entry.weight > 0, f"data.blend[{i}].weight", f"must be > 0, got {entry.weight}")
         _require(d.shuffle_window >= 1, "data.shuffle_window", "must be >= 1 shard")
+        for name, path in d.extra_validation.items():
+            key = f"data.extra_validation.{name}"
+            _require(EXTRA_VALIDATION_NAME.fullmatch(name) is not None, key,
+                     f"the name {name!r} must be letters, digits, _ or - (the metric is val_loss/NAME)")
+            _require(bool(path), key, "must name a prepared dataset (a directory or s3:// prefix)")
         o = self.optim
         _require(o.lr > 0, "optim.lr", "must be > 0")
         _require(0.0 <= o.min_lr_ratio <= 1.0, "optim.min_lr_ratio", "must be in [0, 1]")
@@ -356,6 +370,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return [_coerce(v, arg, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        key_type, value_type = typing.get_args(tp)
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of NAME: value, got {value!r}")
+        return {_coerce(k, key_type, f"{key}.{k}"): _coerce(v, value_type, f"{key}.{k}")
+                for k, v in value.items()}
     if origin is tuple:
         args = typing.get_args(tp)
         if not isinstance(value, (list, tuple)) or len(value) != len(args):

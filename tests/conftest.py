@@ -44,7 +44,7 @@ _MARK_BY_FIXTURE = {"ray_cluster": "ray", "ray_head": "ray", "s3_server": "s3"}
 OWN_PROCESS_MODULES = {
     "test_multinode", "test_checkpoint", "test_sharding", "test_expert_parallel", "test_plan_memory",
     "test_gpt", "test_gating", "test_moe_layer", "test_host_syncs", "test_bench_gpu", "test_plan",
-    "test_layout", "test_config", "test_cluster", "test_submit_cli"}
+    "test_layout", "test_config", "test_cluster", "test_submit_cli", "test_extra_validation"}
 """Modules whose tests start only processes of their own (a multi-node Ray cluster, gloo
 process groups) or none: `make test-fast` runs them on one pytest-xdist worker while the
 other runs the tests that share the session's services (the sentence models, the prepared

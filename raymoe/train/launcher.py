@@ -165,7 +165,8 @@ def check_gpu_fits(cfg: Config, device: torch.device) -> None:
 def _absolute_data_paths(data: DataConfig) -> DataConfig:
     """Local dataset paths made absolute: workers do not share the driver's cwd."""
     return dataclasses.replace(data, path=absolute(data.path) if data.path else "", blend=[
-        dataclasses.replace(e, path=absolute(e.path)) for e in data.blend])
+        dataclasses.replace(e, path=absolute(e.path)) for e in data.blend],
+        extra_validation={name: absolute(path) for name, path in data.extra_validation.items()})
 
 
 def train_on_ray(cfg: Config, wait: WaitPolicy = "auto", timeout: float = 1800.0,

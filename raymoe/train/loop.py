@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from raymoe.config import Config
+from raymoe.data.blend import Blend
 from raymoe.data.shards import DatasetError
 from raymoe.data.stream import Cursor, SequenceReader
 from raymoe.data.tokenizers import TOKENIZER_FILE
@@ -39,7 +40,7 @@ from raymoe.train.metrics import (
 )
 from raymoe.train.optim import build_optimizer, learning_rate, set_learning_rate
 from raymoe.train.preemption import RestartGuard
-from raymoe.train.preflight import open_training_data
+from raymoe.train.preflight import open_extra_validation, open_training_data
 from raymoe.train.step import train_step
 from raymoe.train.transfer import to_device
 
@@ -128,21 +129,23 @@ class Trainer:
         self.tokenizer_json = (self.dataset.root.join(TOKENIZER_FILE).read_bytes()
                                if self.dataset.manifest["tokenizer"] == TOKENIZER_FILE else None)
         """A trained tokenizer, read once, copied into every checkpoint (self-contained)."""
+        self.extra_validation = open_extra_validation(cfg, self.dataset)
         self.metrics = MetricsWriter(metrics_uri) if metrics_uri is not None and self.rank == 0 else None
         self.step, self.tokens, self.skipped, self.consecutive_nan = 0, 0, 0, 0
         resumed = self._resume()
         self.cadence = CheckpointCadence(cfg.train, resumed.get("saved_at") if resumed else None)
         self.restarts = RestartGuard(cfg.train.preemption_save_seconds, 2 * cfg.parallel.resize_check_seconds + 60,
                                      log if self.rank == 0 else lambda _: None)
-        self.reader = self._reader("train", cfg.train.global_batch,
-                                   Cursor.from_dict(resumed["cursor"]) if resumed else None)
+        self.reader = self._reader(self.blend, "train", cfg.train.global_batch,
+                                   Cursor.from_dict(resumed["cursor"]) if resumed else None, shuffle=True)
 
     # ---------------------------------------------------------------- set-up
 
-    def _reader(self, split: str, global_batch: int, cursor: Cursor | None = None) -> SequenceReader:
-        return SequenceReader(self.blend.datasets, split, self.rank, self.world, global_batch,
-                              seed=self.cfg.data.seed, weights=self.blend.weights, cursor=cursor,
-                              shuffle=split == "train", window=self.cfg.data.shuffle_window)
+    def _reader(self, data: Blend, split: str, global_batch: int, cursor: Cursor | None = None,
+                shuffle: bool = False) -> SequenceReader:
+        return SequenceReader(data.datasets, split, self.rank, self.world, global_batch,
+                              seed=self.cfg.data.seed, weights=data.weights, cursor=cursor,
+                              shuffle=shuffle, window=self.cfg.data.shuffle_window)
 
     def _resume(self) -> dict[str, Any] | None:
         """The ``extra`` of the checkpoint resumed from, or None when the run starts afresh."""
@@ -234,8 +237,9 @@ class Trainer:
                 metrics = step_metrics(self.facts, result, lr, seconds, self.reader.wait_seconds - wait_before,
                                        tokens_per_step, self.skipped)
             if self.step % t.eval_every == 0 or self._done():
-                validation = self.validate()
-                metrics.update(val_loss=validation, val_perplexity=math.exp(min(validation, 50.0)))
+                losses = self.validate()
+                validation = losses["val_loss"]
+                metrics.update(losses, val_perplexity=math.exp(min(validation, 50.0)))
             coming = self.restarts.agree(result.summed[1:], self.world)
             just_in_time = self.restarts.checkpoint_now(coming)
             checkpoint = None
@@ -266,33 +270,44 @@ class Trainer:
                 f"stopping at step {self.step}: {self.consecutive_nan} consecutive steps with a "
                 f"non-finite loss or gradient ({result.diagnosis}); the last good checkpoint is kept")
 
-    def validate(self) -> float:
-        """Mean LM loss on the validation split: eval mode, so eval capacity, no dropping.
+    def validate(self) -> dict[str, float]:
+        """Mean LM loss on the validation split (val_loss) and on each of
+        data.extra_validation (val_loss/NAME): eval mode, so eval capacity, no dropping.
         The RNG is left as it was, so a run validates without changing its training."""
         devices = [self.device] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices, device_type=self.device.type), torch.no_grad():
-            return self._validate()
+            self.model.eval()
+            try:
+                return self._validate()
+            finally:
+                self.model.train()
 
-    def _validate(self) -> float:
-        self.model.eval()
+    def _validate(self) -> dict[str, float]:
+        """Every set read from its start (the same batches at every evaluation); the sums of
+        all sets in one all-reduce. A set without batches (no validation split) gives NaN."""
+        sets = [("val_loss", self.blend, "validation"),
+                *((f"val_loss/{e.name}", e.data, e.split) for e in self.extra_validation)]
+        totals = torch.stack([self._loss_sum(data, split) for _, data, split in sets])
+        if self.mesh.is_distributed:
+            dist.all_reduce(totals)
+        return {key: float(loss / batches) for (key, _, _), (loss, batches) in zip(sets, totals, strict=True)}
+
+    def _loss_sum(self, data: Blend, split: str) -> torch.Tensor:
+        """[sum of the LM losses, batches] of train.eval_batches micro-batches of ``split``."""
         total = torch.zeros(2, device=self.device)
         try:
-            reader = self._reader("validation", self.cfg.train.micro_batch * self.world)
+            reader = self._reader(data, split, self.cfg.train.micro_batch * self.world)
         except DatasetError as err:
             if self.rank == 0:
                 self.log(f"no validation: {err}")
-            self.model.train()
-            return float("nan")
+            return total
         with reader:
             for _ in range(self.cfg.train.eval_batches):
                 inputs, targets = self._next_batch(reader)
                 with autocast_to(self.device, self.compute_dtype):
                     total += torch.stack([self.model(inputs, targets).lm_loss.float(),
                                           torch.ones((), device=self.device)])
-        if self.mesh.is_distributed:
-            dist.all_reduce(total)
-        self.model.train()
-        return float(total[0] / total[1])
+        return total
 
     def save(self) -> Path:
         directory = self.hooks.new_checkpoint_dir(self.step)

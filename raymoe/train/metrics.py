@@ -239,4 +239,7 @@ class MetricsWriter:
                 f"ETA {eta}")
         if "val_loss" in metrics:
             line += f" | val {metrics['val_loss']:.4f}"
+            extra = [f"{key.removeprefix('val_loss/')} {value:.4f}" for key, value in metrics.items()
+                     if key.startswith("val_loss/")]
+            line += f" ({', '.join(extra)})" if extra else ""
         return line

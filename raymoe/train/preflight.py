@@ -4,11 +4,13 @@ start of a worker group on a cluster (and not four tracebacks from its workers).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from raymoe.config import Config
 from raymoe.data.blend import Blend, open_blend
-from raymoe.data.shards import DatasetError
+from raymoe.data.shards import DatasetError, PreparedDataset, sha256
+from raymoe.data.tokenizers import TOKENIZER_FILE
 from raymoe.runs import CheckpointError, checkpoint_manifest
 
 MODEL_SHAPE_KEYS = ("vocab_size", "pad_vocab_to", "seq_len", "n_layer", "d_model", "n_head", "ffn_mult")
@@ -27,6 +29,50 @@ def open_training_data(cfg: Config) -> Blend:
         raise DatasetError(f"{dataset.uri}: tokenizer {dataset.manifest['tokenizer']!r} "
                            f"has {dataset.vocab_size} tokens, model.vocab_size is {m.vocab_size}")
     return blend
+
+
+@dataclass(frozen=True)
+class ExtraValidation:
+    """One of data.extra_validation, opened: its metric is val_loss/``name``."""
+
+    name: str
+    data: Blend
+    """The dataset alone, as the readers take it."""
+    split: str
+    """Its validation split, or its train split where the validation split is empty."""
+
+
+def open_extra_validation(cfg: Config, training: PreparedDataset) -> list[ExtraValidation]:
+    """The datasets of data.extra_validation in the order of their names, the order every
+    rank evaluates them in, each checked to share the training data's tokenizer and
+    sequence length (else its loss would not be comparable, or not computable)."""
+    expected = (_tokenizer_identity(training), training.seq_len)
+    return [_open_extra(name, path, training.uri, expected)
+            for name, path in sorted(cfg.data.extra_validation.items())]
+
+
+def _open_extra(name: str, path: str, training_uri: str, expected: tuple[str, int]) -> ExtraValidation:
+    key = f"data.extra_validation.{name}"
+    try:
+        dataset = PreparedDataset.open(path)
+    except DatasetError as err:
+        raise type(err)(f"{key}: {err}") from err
+    found = (_tokenizer_identity(dataset), dataset.seq_len)
+    if found != expected:
+        raise DatasetError(f"{key}: {path} has tokenizer {found[0]!r} and seq_len {found[1]}; "
+                           f"expected those of the training data {training_uri}: tokenizer "
+                           f"{expected[0]!r} and seq_len {expected[1]}")
+    validation = dataset.manifest["splits"].get("validation", {}).get("sequences", 0)
+    return ExtraValidation(name, Blend([dataset], [1.0]), "validation" if validation else "train")
+
+
+def _tokenizer_identity(dataset: PreparedDataset) -> str:
+    """The manifest's tokenizer; a trained one (a tokenizer.json in the dataset) with its
+    file's digest, since every trained tokenizer has the same name."""
+    spec = dataset.manifest["tokenizer"]
+    if spec != TOKENIZER_FILE:
+        return spec
+    return f"{spec} (sha256 {sha256(dataset.root.join(spec).read_bytes())[:12]})"
 
 
 def shape_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
@@ -57,5 +103,5 @@ def check_resume_fits(cfg: Config, run_uri: str) -> None:
 
 
 def preflight(cfg: Config, run_uri: str) -> None:
-    open_training_data(cfg)
+    open_extra_validation(cfg, open_training_data(cfg).first)
     check_resume_fits(cfg, run_uri)
