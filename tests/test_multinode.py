@@ -394,15 +394,17 @@ def test_a_study_submitted_as_a_job_writes_every_artefact_to_s3(cluster, s3, dat
 
     study = "studies/mini"
     report = s3["read"](f"{study}/report.md").decode()
-    main_table, table1_text = report.split("## Zero-shot evaluation (Table 1 form)")
+    sections = {text.split("\n", 1)[0]: text.split("\n\n", 1)[1] for text in report.split("\n## ")}
+    main_table = sections["# Study mini"]
     rows = [line.split(" | ")[0] for line in main_table.splitlines()
-            if line.startswith("| ") and not line.startswith("| model")]
+            if line.startswith("| ") and not line.startswith(("| model", "| ---"))]
     assert rows == ["| dense", "| moe", "| broken"]
     # the user's error as one line, not Ray's remote traceback
     assert "failed: broken-seed1: ConfigError: model.n_head: 5 heads do not divide model.d_model=32 |" \
         in main_table
-    assert re.search(r"^moe \(val", main_table, re.MULTILINE), main_table  # against the dense model
-    table1 = table1_text.strip().splitlines()
+    table2 = sections["MoE against dense (Table 2 form)"]
+    assert re.search(r"^moe \(val", table2, re.MULTILINE), report  # against the dense model
+    table1 = sections["Zero-shot evaluation (Table 1 form)"].strip().splitlines()
     assert table1[0] == "|  | dense | moe | broken |"
     assert [line.split(" | ")[0] for line in table1[2:]] == [
         "| total params", "| active params", "| validation loss", "| LAMBADA (acc)", "| PIQA (acc)"]
