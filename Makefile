@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # pip never resolves it itself (an unpinned torch pulls a multi-GB CUDA build).
 TORCH := $(shell sed -n 's/^ *"\(torch==[^"]*\)".*/\1/p' pyproject.toml)
 
-.PHONY: demo study test test-fast check bench clean
+.PHONY: demo study study-tiny corpus-present test test-fast check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,12 +25,43 @@ demo: $(STAMP)
 	$(VENV)/bin/raymoe demo
 	$(VENV)/bin/raymoe compare jobs/configs/study-demo.yaml
 
-# The full tiny study (every model, two seeds; about 25 minutes on 2 cores). It also renews
-# the plot the README shows.
-study: $(STAMP)
+# The reference's result in miniature (jobs/configs/study-small.yaml; about 70 minutes on 2
+# cores): prepares the corpus once (a 4,096-token BPE trained on Dickens and Twain, their
+# text to train and validate on, Austen's and Melville's to validate on), runs the study and
+# copies its report, plot and CSV into docs/. CORPUS: a directory with one folder of .txt
+# files per author (Project Gutenberg's boilerplate is stripped).
+CORPUS ?= ../shared/data/corpus/gutenberg
+STUDY_DATA := runs/gutenberg
+AUTHORS := Dickens_Charles Twain_Mark Austen_Jane Melville_Herman
+
+study: $(STUDY_DATA)/train/manifest.json $(STUDY_DATA)/austen/manifest.json $(STUDY_DATA)/melville/manifest.json
+	$(VENV)/bin/raymoe compare jobs/configs/study-small.yaml
+	mkdir -p docs/study-small
+	cp runs/study-small/report.md runs/study-small/validation_curves.csv runs/study-small/trials.json \
+	   runs/study-small/lr_search.json runs/study-small/validation_loss.png docs/study-small/
+
+corpus-present:
+	@for author in $(AUTHORS); do test -d "$(CORPUS)/$$author" || { \
+	  echo "make study: no $(CORPUS)/$$author: pass CORPUS=DIR, a directory with the folders $(AUTHORS) of .txt books"; \
+	  exit 2; }; done
+
+$(STUDY_DATA)/tokenizer.json: | $(STAMP) corpus-present
+	$(VENV)/bin/raymoe tokenizer train --vocab-size 4096 --out $@ $(CORPUS)/Dickens_Charles $(CORPUS)/Twain_Mark
+
+$(STUDY_DATA)/train/manifest.json: $(STUDY_DATA)/tokenizer.json
+	$(VENV)/bin/raymoe prepare $(CORPUS)/Dickens_Charles $(CORPUS)/Twain_Mark --tokenizer $< --seq-len 128 \
+	  --doc-chars 20000 --val-fraction 0.01 --out $(STUDY_DATA)/train
+
+$(STUDY_DATA)/austen/manifest.json: $(STUDY_DATA)/tokenizer.json
+	$(VENV)/bin/raymoe prepare $(CORPUS)/Austen_Jane --tokenizer $< --seq-len 128 --val-fraction 0 --out $(@D)
+
+$(STUDY_DATA)/melville/manifest.json: $(STUDY_DATA)/tokenizer.json
+	$(VENV)/bin/raymoe prepare $(CORPUS)/Melville_Herman --tokenizer $< --seq-len 128 --val-fraction 0 --out $(@D)
+
+# The tiny study on the bundled byte-level sample (every model, two seeds; about 25 minutes).
+study-tiny: $(STAMP)
 	$(VENV)/bin/raymoe demo --prepare-only
 	$(VENV)/bin/raymoe compare jobs/configs/study-tiny.yaml
-	mkdir -p docs && cp runs/study-tiny/validation_loss.png docs/study-tiny.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=15

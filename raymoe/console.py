@@ -74,12 +74,13 @@ def drop_harmless_worker_lines() -> None:
         dispatcher.add_handler("ray_print_logs", print_meaningful)
 
 
-def connect_ray(address: str | None, num_cpus: int | None = None) -> None:
+def connect_ray(address: str | None, num_cpus: int | None = None, worker_logs: bool = True) -> None:
     """Join the cluster at ``address`` or RAY_ADDRESS (as in a Ray job), else start a
-    local one of ``num_cpus``; its known noise silenced."""
+    local one of ``num_cpus``; its known noise silenced. ``worker_logs=False``: the workers'
+    lines stay in Ray's log files (a study prints a line per trial instead)."""
     import ray
 
     local = address is None and not os.environ.get("RAY_ADDRESS")
     quiet_ray()
-    ray.init(address=address, num_cpus=num_cpus if local else None, log_to_driver=True)
+    ray.init(address=address, num_cpus=num_cpus if local else None, log_to_driver=worker_logs)
     drop_harmless_worker_lines()

@@ -17,13 +17,14 @@ def cmd_compare(args: argparse.Namespace) -> None:
     from raymoe.study.spec import load_study
 
     study = load_study(args.study)
-    PreparedDataset.open(study.data)  # before Ray: a missing dataset is one line, not a failed trial each
+    for data in (study.data, *study.extra_validation.values()):  # before Ray: a missing dataset
+        PreparedDataset.open(data)  # is one line, not a failed trial each
     try:  # the bill, before paying it
         if any(cfg.parallel.use_gpu for cfg in trial_configs(study).values()):
             print(format_study_plan(plan_study(study)), flush=True)
     except ConfigError as err:  # that model's trial fails and is reported; the others train
         print(f"no cost plan: {err}", flush=True)
-    connect_ray(args.address, num_cpus=4)
+    connect_ray(args.address, num_cpus=4, worker_logs=False)
     report = run_study(study, wait=args.wait, timeout=args.timeout)
     print(report.table())
     for line in report.comparisons:

@@ -11,7 +11,9 @@ from raymoe.config import load_config
 from raymoe.data.storage import is_s3, locate
 from raymoe.errors import RaymoeError, find_cause
 from raymoe.study.evaluate import evaluate_trials
+from raymoe.study.progress import TrialProgress
 from raymoe.study.report import Report, build_report
+from raymoe.study.search import describe_search, load_search, save_search, search_outcome
 from raymoe.study.spec import Study
 from raymoe.train.capacity import WaitPolicy
 
@@ -35,23 +37,46 @@ def trial_error(err: BaseException) -> str:
 
 
 def run_study(study: Study, wait: WaitPolicy = "auto", timeout: float = 1800.0) -> Report:
-    """Run every trial (or resume them) on the connected Ray cluster, then report.
+    """Search each model's learning rate (when the study asks), run every trial (or resume
+    them) on the connected Ray cluster, evaluate, then report.
     ``wait``/``timeout``: each trial's wait for its worker group (raymoe.train.capacity)."""
+    lr_search = None
+    if study.lr_search is not None:
+        lr_search = load_search(study)
+        if lr_search is None:
+            asha = study.lr_search.asha
+            errors = run_trials(study, "search", study.search_trials(), asha, wait, timeout)
+            lr_search = search_outcome(study, errors)
+            save_search(study, lr_search)
+        for line in describe_search(lr_search):
+            print(line, flush=True)
+    chosen = lr_search["chosen"] if lr_search else None
+    errors = run_trials(study, "tune", study.trials(chosen), study.asha, wait, timeout)
+    eval_errors = evaluate_trials(study, skip=set(errors)) if study.eval is not None else {}
+    report = build_report(study, errors, eval_errors, lr_search=lr_search)
+    report.write(study.uri)
+    return report
+
+
+def run_trials(study: Study, stage: str, trials: list[dict[str, Any]], asha: dict[str, Any] | None,
+               wait: WaitPolicy, timeout: float) -> dict[str, str]:
+    """One Tune experiment (``stage``) over ``trials``; the failed ones' errors by name."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     scheduler = None
-    if study.asha:
-        scheduler = ASHAScheduler(metric="val_loss", mode="min", time_attr="step", **study.asha)
+    if asha:
+        scheduler = ASHAScheduler(metric="val_loss", mode="min", time_attr="step", **asha)
     state = locate(study.storage).join(".tune")
     tuner = tune.Tuner(
         # The trial only drives a TorchTrainer: it must not hold the CPUs its workers need.
         tune.with_resources(_trial, {"CPU": 0, "memory": 1_000_000}),
-        param_space={"trial": tune.grid_search(study.trials()), "wait": wait, "timeout": timeout},
+        param_space={"trial": tune.grid_search(trials), "wait": wait, "timeout": timeout},
         tune_config=tune.TuneConfig(max_concurrent_trials=study.max_concurrent_trials,
                                     scheduler=scheduler),
-        run_config=tune.RunConfig(name=f"{study.name}-tune", storage_path=state.path,
-                                  storage_filesystem=state.fs if is_s3(state.uri) else None),
+        run_config=tune.RunConfig(name=f"{study.name}-{stage}", storage_path=state.path,
+                                  storage_filesystem=state.fs if is_s3(state.uri) else None,
+                                  verbose=0, callbacks=[TrialProgress()]),
     )
     grid = tuner.fit()
     errors = {}
@@ -61,7 +86,4 @@ def run_study(study: Study, wait: WaitPolicy = "auto", timeout: float = 1800.0) 
             errors[name] = trial_error(result.error)
             if find_cause(result.error, RaymoeError) is None:
                 print(f"trial {name} failed:\n{result.error}", file=sys.stderr)
-    eval_errors = evaluate_trials(study, skip=set(errors)) if study.eval is not None else {}
-    report = build_report(study, errors, eval_errors)
-    report.write(study.uri)
-    return report
+    return errors

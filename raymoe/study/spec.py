@@ -19,7 +19,8 @@ from raymoe.eval.harness import EvalOptions
 from raymoe.runs import absolute
 
 STUDY_KEYS = {"name", "storage", "data", "tokens", "models", "seeds", "max_concurrent_trials",
-              "overrides", "asha", "eval"}
+              "overrides", "asha", "eval", "lr_search", "extra_validation"}
+LR_SEARCH_KEYS = {"lrs", "tokens", "asha"}
 EVAL_KEYS = {"tasks", "data_dir", "files", "limit", "batch_size", "nodes", "ep"}
 
 
@@ -33,6 +34,18 @@ class StudyEval:
     ep: int = 0
     """Expert-parallel group size for MoE trials; 0: the smallest whose ranks fit the
     cluster's nodes (1, the whole model per node, when a node holds it)."""
+
+
+@dataclass
+class LRSearch:
+    """Each model's learning rate, chosen by the same search: every model trains the first
+    seed on ``tokens`` at every rate of ``lrs`` (its own schedule, over those tokens); the
+    lowest final validation loss wins."""
+
+    lrs: list[float]
+    tokens: int
+    asha: dict[str, Any] | None = None
+    """Early stopping of the worse rates on val_loss: {grace_period, reduction_factor}, in steps."""
 
 
 @dataclass
@@ -58,6 +71,9 @@ class Study:
     asha: dict[str, Any] | None = None
     """Early stopping on val_loss, for LR sweeps: {max_t, grace_period, reduction_factor}."""
     eval: StudyEval | None = None
+    lr_search: LRSearch | None = None
+    extra_validation: dict[str, str] = field(default_factory=dict)
+    """Other prepared datasets every trial validates on (data.extra_validation)."""
 
     @property
     def uri(self) -> str:
@@ -67,26 +83,39 @@ class Study:
     def eval_uri(self, trial: str) -> str:
         return locate(self.uri).join("eval", f"{trial}.json").uri
 
-    def trials(self) -> list[dict[str, Any]]:
-        return [{"name": f"{m.name}-seed{seed}", "model": m.name, "seed": seed,
-                 "config": m.config,
-                 "overrides": [*self.overrides, *m.overrides, f"data.path={self.data}",
-                               f"train.storage={self.storage}",
-                               f"train.run_name={self.name}/{m.name}-seed{seed}",
-                               f"train.total_tokens={self.tokens}", f"train.seed={seed}",
-                               f"optim.decay_tokens={self.decay_tokens(m)}",
-                               "train.max_steps=0"]}
+    def trials(self, lrs: dict[str, float] | None = None) -> list[dict[str, Any]]:
+        """Every model at every seed; ``lrs``: model -> the learning rate it trains at (the
+        search's choice), else its config's."""
+        return [self._trial(m, f"{m.name}-seed{seed}", seed, self.tokens,
+                            [f"optim.lr={lrs[m.name]}"] if lrs and m.name in lrs else [])
                 for m in self.models for seed in self.seeds]
 
-    def decay_tokens(self, model: ModelSpec) -> int:
-        """Every model trains the study's tokens; its learning rate decays over the share of
-        them that its own config decays over (the dense presets: 260B of 300B, as the
+    def search_trials(self) -> list[dict[str, Any]]:
+        """The learning-rate search's short runs: every model at every rate, the first seed."""
+        assert self.lr_search is not None
+        return [self._trial(m, f"search/{m.name}-lr{lr:g}", self.seeds[0], self.lr_search.tokens,
+                            [f"optim.lr={lr}"], lr=lr)
+                for m in self.models for lr in self.lr_search.lrs]
+
+    def _trial(self, model: ModelSpec, name: str, seed: int, tokens: int, extra: list[str],
+               **fields: Any) -> dict[str, Any]:
+        extra_sets = [f"data.extra_validation.{k}={v}" for k, v in self.extra_validation.items()]
+        return {"name": name, "model": model.name, "seed": seed, "config": model.config, **fields,
+                "overrides": [*self.overrides, *model.overrides, f"data.path={self.data}", *extra_sets,
+                              f"train.storage={self.storage}", f"train.run_name={self.name}/{name}",
+                              f"train.total_tokens={tokens}", f"train.seed={seed}",
+                              f"optim.decay_tokens={self.decay_tokens(model, tokens)}",
+                              "train.max_steps=0", *extra]}
+
+    def decay_tokens(self, model: ModelSpec, tokens: int) -> int:
+        """A trial trains ``tokens``; its learning rate decays over the share of them that
+        its model's own config decays over (the dense presets: 260B of 300B, as the
         reference scripts; the MoE presets: all of them)."""
         try:
             cfg = load_config(model.config, [*self.overrides, *model.overrides])
         except ConfigError:
-            return self.tokens  # the trial fails on that error, reported in the study's table
-        return round(self.tokens * cfg.optim.decay_tokens / cfg.train.total_tokens)
+            return tokens  # the trial fails on that error, reported in the study's table
+        return round(tokens * cfg.optim.decay_tokens / cfg.train.total_tokens)
 
 
 def is_study(source: str) -> bool:
@@ -127,7 +156,31 @@ def load_study(path: str) -> Study:
                  seeds=list(raw.get("seeds", [1234])),
                  max_concurrent_trials=int(raw.get("max_concurrent_trials", 1)),
                  overrides=list(raw.get("overrides", [])), asha=raw.get("asha"),
-                 eval=_study_eval(path, raw["eval"]) if raw.get("eval") else None)
+                 eval=_study_eval(path, raw["eval"]) if raw.get("eval") else None,
+                 lr_search=_lr_search(path, raw["lr_search"]) if raw.get("lr_search") else None,
+                 extra_validation=_extra_validation(path, raw.get("extra_validation") or {}))
+
+
+def _lr_search(path: str, raw: Any) -> LRSearch:
+    if not isinstance(raw, dict) or not raw.get("lrs") or not raw.get("tokens"):
+        raise ConfigError(f"{path}: lr_search needs 'lrs' (a list of learning rates) and 'tokens'")
+    unknown = set(raw) - LR_SEARCH_KEYS
+    if unknown:
+        raise ConfigError(f"{path}: unknown lr_search keys {sorted(unknown)} (known: {sorted(LR_SEARCH_KEYS)})")
+    try:
+        lrs = [float(lr) for lr in raw["lrs"]]
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path}: lr_search lrs: {raw['lrs']!r}, expected a list of numbers") from err
+    if any(lr <= 0 for lr in lrs):
+        raise ConfigError(f"{path}: lr_search lrs: {lrs}, expected positive learning rates")
+    return LRSearch(lrs, int(float(raw["tokens"])), raw.get("asha"))
+
+
+def _extra_validation(path: str, raw: Any) -> dict[str, str]:
+    """name -> a prepared dataset (a path relative to here, made absolute, or s3://)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: extra_validation: expected a mapping of name -> prepared dataset")
+    return {str(name): absolute(str(where)) for name, where in raw.items()}
 
 
 def _study_eval(path: str, raw: Any) -> StudyEval:
