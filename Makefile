@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # pip never resolves it itself (an unpinned torch pulls a multi-GB CUDA build).
 TORCH := $(shell sed -n 's/^ *"\(torch==[^"]*\)".*/\1/p' pyproject.toml)
 
-.PHONY: demo study study-tiny corpus-present test test-fast check bench clean
+.PHONY: demo study study-tiny test test-fast check bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -40,12 +40,10 @@ study: $(STUDY_DATA)/train/manifest.json $(STUDY_DATA)/austen/manifest.json $(ST
 	cp runs/study-small/report.md runs/study-small/validation_curves.csv runs/study-small/trials.json \
 	   runs/study-small/lr_search.json runs/study-small/validation_loss.png docs/study-small/
 
-corpus-present:
+$(STUDY_DATA)/tokenizer.json: | $(STAMP)
 	@for author in $(AUTHORS); do test -d "$(CORPUS)/$$author" || { \
 	  echo "make study: no $(CORPUS)/$$author: pass CORPUS=DIR, a directory with the folders $(AUTHORS) of .txt books"; \
 	  exit 2; }; done
-
-$(STUDY_DATA)/tokenizer.json: | $(STAMP) corpus-present
 	$(VENV)/bin/raymoe tokenizer train --vocab-size 4096 --out $@ $(CORPUS)/Dickens_Charles $(CORPUS)/Twain_Mark
 
 $(STUDY_DATA)/train/manifest.json: $(STUDY_DATA)/tokenizer.json

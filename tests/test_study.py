@@ -8,6 +8,7 @@ from pathlib import Path
 
 import yaml
 
+from raymoe import cli
 from raymoe.study.run import run_study
 from raymoe.study.spec import load_study
 
@@ -46,7 +47,14 @@ def test_the_search_chooses_each_models_rate_and_its_trials_train_at_it(dataset,
     # a line per trial named by the study, none of Tune's status tables or trial ids
     for trial in ("dense-seed1", "moe-seed1", "search/dense-lr1e-05", "search/moe-lr0.003"):
         assert f"{trial} done in " in out, out
-    assert "Trial status" not in out and "_trial_" not in out, out
+    for tune_line in ("Trial status", "_trial_", "Configuration for experiment", "View detailed results"):
+        assert tune_line not in out, out
+
+    # the report written again from storage alone is the same
+    written = (tmp_path / "runs" / "search" / "report.md").read_text()
+    assert cli.main(["compare", str(study_file), "--report-only"]) == 0
+    assert (tmp_path / "runs" / "search" / "report.md").read_text() == written
+    assert "## Learning-rate search" in written
 
     # run again: the search is not repeated (its choice is read back), the trials are complete
     runs_before = sorted(Path(tmp_path / "runs" / "search" / "search").rglob("manifest.json"))

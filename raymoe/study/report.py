@@ -47,6 +47,10 @@ class Report:
     eval_failures: list[str] = field(default_factory=list)
     lr_search: dict[str, Any] | None = None
     """The learning-rate search that chose the models' rates (build_report's shape)."""
+    note: str = ""
+    """The study's own word on what it can show (its YAML's `note`)."""
+    uri: str = ""
+    """Where the report's files are written (the study's storage)."""
 
     def table(self) -> str:
         return main_table(self.models)
@@ -59,7 +63,7 @@ class Report:
         return [OWN, *sorted({name for t in self.trials for name in t.extra_curves})]
 
     def markdown(self) -> str:
-        parts = [f"# Study {self.study}", self.table()]
+        parts = [f"# Study {self.study}", *([self.note] if self.note else []), self.table()]
         if self.lr_search:
             parts += ["## Learning-rate search", lr_search_table(self.lr_search)]
         parts += ["## MoE against dense (Table 2 form)", *self.comparisons,
@@ -184,4 +188,4 @@ def build_report(study: Study, errors: dict[str, str], eval_errors: dict[str, st
     return Report(study.name, trials, rows, comparisons(rows),
                   study.eval.options.tasks if study.eval else [],
                   [f"evaluation of {name} failed: {why}" for name, why in (eval_errors or {}).items()],
-                  lr_search)
+                  lr_search, study.note, study.uri)

@@ -4,7 +4,10 @@ storage (so an interrupted study resumes), then evaluation and the report."""
 
 from __future__ import annotations
 
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from raymoe.config import load_config
@@ -28,6 +31,21 @@ def _trial(trial: dict[str, Any]) -> None:
     result = train_on_ray(cfg, trial["wait"], trial["timeout"], callbacks=[TuneReportCallback()])
     if result.error is not None:
         raise result.error
+
+
+@contextmanager
+def _tune_output_off() -> Iterator[None]:
+    """Tune's console off (TrialProgress prints instead): its newer output engine prints the
+    experiment's configuration box and paths even when silent, the older one obeys verbose=0."""
+    previous = os.environ.get("RAY_AIR_NEW_OUTPUT")
+    os.environ["RAY_AIR_NEW_OUTPUT"] = "0"
+    try:
+        yield
+    finally:
+        if previous is None:
+            del os.environ["RAY_AIR_NEW_OUTPUT"]
+        else:
+            os.environ["RAY_AIR_NEW_OUTPUT"] = previous
 
 
 def trial_error(err: BaseException) -> str:
@@ -58,6 +76,15 @@ def run_study(study: Study, wait: WaitPolicy = "auto", timeout: float = 1800.0) 
     return report
 
 
+def report_study(study: Study) -> Report:
+    """The report again from what the trials left in storage (no training): after a change
+    to the report's code, or of a study whose trials another process ran. A trial's error is
+    known only from its run then (no metrics: reported as such)."""
+    report = build_report(study, {}, lr_search=load_search(study))
+    report.write(study.uri)
+    return report
+
+
 def run_trials(study: Study, stage: str, trials: list[dict[str, Any]], asha: dict[str, Any] | None,
                wait: WaitPolicy, timeout: float) -> dict[str, str]:
     """One Tune experiment (``stage``) over ``trials``; the failed ones' errors by name."""
@@ -78,7 +105,8 @@ def run_trials(study: Study, stage: str, trials: list[dict[str, Any]], asha: dic
                                   storage_filesystem=state.fs if is_s3(state.uri) else None,
                                   verbose=0, callbacks=[TrialProgress()]),
     )
-    grid = tuner.fit()
+    with _tune_output_off():
+        grid = tuner.fit()
     errors = {}
     for result in (grid[i] for i in range(len(grid))):
         if result.error is not None:

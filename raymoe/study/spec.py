@@ -19,7 +19,7 @@ from raymoe.eval.harness import EvalOptions
 from raymoe.runs import absolute
 
 STUDY_KEYS = {"name", "storage", "data", "tokens", "models", "seeds", "max_concurrent_trials",
-              "overrides", "asha", "eval", "lr_search", "extra_validation"}
+              "overrides", "asha", "eval", "lr_search", "extra_validation", "note"}
 LR_SEARCH_KEYS = {"lrs", "tokens", "asha"}
 EVAL_KEYS = {"tasks", "data_dir", "files", "limit", "batch_size", "nodes", "ep"}
 
@@ -74,6 +74,8 @@ class Study:
     lr_search: LRSearch | None = None
     extra_validation: dict[str, str] = field(default_factory=dict)
     """Other prepared datasets every trial validates on (data.extra_validation)."""
+    note: str = ""
+    """What the study can and cannot show, printed after its tables and atop its report."""
 
     @property
     def uri(self) -> str:
@@ -158,7 +160,8 @@ def load_study(path: str) -> Study:
                  overrides=list(raw.get("overrides", [])), asha=raw.get("asha"),
                  eval=_study_eval(path, raw["eval"]) if raw.get("eval") else None,
                  lr_search=_lr_search(path, raw["lr_search"]) if raw.get("lr_search") else None,
-                 extra_validation=_extra_validation(path, raw.get("extra_validation") or {}))
+                 extra_validation=_extra_validation(path, raw.get("extra_validation") or {}),
+                 note=" ".join(str(raw.get("note", "")).split()))
 
 
 def _lr_search(path: str, raw: Any) -> LRSearch:
