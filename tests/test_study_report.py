@@ -270,3 +270,16 @@ def test_the_report_of_runs_in_storage(tmp_path):
     assert {r["set"] for r in curves} == {"own", "wiki"}
     assert json.loads((tmp_path / "toy" / "trials.json").read_text())[2]["router"][1]["layer"] == 1
     assert (tmp_path / "toy" / "validation_loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_a_trial_stopped_before_its_tokens_is_incomplete_not_a_result(tmp_path):
+    """A trial killed midway (its run resumes later) has a validation loss, but of fewer
+    tokens than the others: the report says so and leaves it out of the model's row."""
+    study = Study(name="toy", storage=str(tmp_path), data=str(tmp_path / "data"), tokens=1000,
+                  models=[ModelSpec("moe", "tiny-moe8")], seeds=[1])
+    records = [{**r, "val_loss": 5.0} for r in records_of_a_moe_run()]
+    stopped = [r for r in records if r["tokens"] <= 500]
+    write_metrics(study.trials()[0], stopped)
+    report = build_report(study, {})
+    assert report.trials[0].error == f"incomplete: evaluated at {stopped[-1]['tokens']:,} of its 1,000 tokens"
+    assert report.models[0].trials == 0

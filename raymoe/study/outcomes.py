@@ -102,6 +102,9 @@ def read_outcome(trial: dict[str, Any], error: str, eval_uri: str) -> TrialOutco
     outcome.extra_curves = curves
     if outcome.curve:
         outcome.tokens, outcome.val_loss = outcome.curve[-1]
+    if outcome.tokens < cfg.train.total_tokens and not outcome.error:  # stopped, or still running:
+        outcome.error = (f"incomplete: evaluated at {outcome.tokens:,} of its "  # not a result
+                         f"{cfg.train.total_tokens:,} tokens")
     outcome.max_val_rise = largest_rise(outcome.curve)
     outcome.router = router_health(records, cfg.train.total_tokens)
     rates = [r for r in records if "tokens_per_s" in r]
