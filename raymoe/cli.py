@@ -7,11 +7,11 @@ import os
 import sys
 import traceback
 
-from raymoe.commands import checkpoints, compare, demo, info, jobs, plan, prepare, tokenizer, train
+from raymoe.commands import checkpoints, compare, demo, info, jobs, plan, prepare, serve, tokenizer, train
 from raymoe.config import ConfigError
 from raymoe.errors import RaymoeError, find_cause
 
-COMMAND_GROUPS = (info, plan, train, demo, prepare, compare, checkpoints, jobs, tokenizer)
+COMMAND_GROUPS = (info, plan, train, demo, prepare, compare, checkpoints, serve, jobs, tokenizer)
 """raymoe.commands' modules, in the order `raymoe --help` lists their commands."""
 
 

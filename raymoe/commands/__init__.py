@@ -9,6 +9,7 @@ top-level parser (raymoe.cli) composes them in the order ``raymoe --help`` lists
   prepare.py      prepare: raw text into packed shards
   compare.py      compare: the dense-versus-MoE study
   checkpoints.py  eval, generate, export: what reads a checkpoint
+  serve.py        serve, serve-stop: a checkpoint behind an HTTP API (Ray Serve)
   jobs.py         submit, status, stop, logs, jobs: Ray jobs on a cluster
   tokenizer.py    tokenizer train
 """

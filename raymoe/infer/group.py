@@ -1,13 +1,15 @@
 """Inference groups on a Ray cluster: ``replicas`` groups of ``ep`` actors, each group a
 torch.distributed process group (gloo on CPU, NCCL on GPU) holding the whole model, its
 experts spread over the group's ranks. Groups share nothing: each has its own default
-process group in its own processes, and the examples are split between the groups."""
+process group in its own processes, and the examples are split between the groups.
+Within a group, a call's rows are split over the ranks in contiguous blocks (each rank
+computes its own rows, raymoe.infer.worker) and the answers gathered here in order."""
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -81,8 +83,16 @@ class InferenceGroup:
                 for r in self.ranks]
 
     def call(self, method: str, *args: Any) -> list[Any]:
-        """The same call on every rank (they run in lockstep); ObjectRefs of the results."""
+        """The same call on every rank (each then computes every row); ObjectRefs of the results."""
         return [getattr(r, method).remote(*args) for r in self.ranks]
+
+    def split(self, method: str, rows: Sequence[Any], *args: Any) -> list[Any]:
+        """``method`` on every rank, with the rank's block of ``rows`` first and the same
+        ``args``; ObjectRefs of each rank's answers (``joined`` puts them back in order).
+        Calls to a group must not overlap (from several threads): its ranks must take
+        them in the same order."""
+        return [getattr(rank, method).remote(rows[block.start:block.stop], *args)
+                for rank, block in zip(self.ranks, row_blocks(len(rows), len(self.ranks)), strict=True)]
 
     def close(self) -> None:
         import ray
@@ -135,15 +145,17 @@ class InferenceGroups:
         return [g.resident for g in self.groups]
 
     def score(self, options: EvalOptions) -> ChunkScorer:
-        """Chunks go to whichever group is free; results come back in chunk order."""
+        """Chunks go to whichever group is free, each split over its ranks; results come
+        back in chunk order."""
         import ray
         from ray.util import ActorPool
 
         def score(chunks: list[Chunk]) -> Iterator[list[dict[str, float]]]:
             pool = ActorPool(self.groups)  # a group stands in for an actor: it returns refs
             try:
-                for per_rank in pool.map(lambda g, chunk: g.call("score", chunk, options), chunks):
-                    yield per_rank[0]
+                for per_rank in pool.map(lambda g, chunk: g.split("score", chunk.examples, chunk.task,
+                                                                  options), chunks):
+                    yield joined(per_rank)
             except ray.exceptions.RayError as err:
                 raise root_cause(err) from None
 
@@ -157,15 +169,20 @@ class InferenceGroups:
 
     def generate_tokens(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
                         seed: int = 0, stop_at_eot: bool = True) -> list[list[int]]:
-        return self._first("generate", prompts, max_new_tokens, sampling, seed, stop_at_eot)
+        """Each prompt's new tokens, on the first group. Greedy tokens are those of one
+        process; sampled ones are drawn from one generator per rank (``seed`` on the first)."""
+        longest = max(map(len, prompts), default=0)
+        return self._first("generate", prompts, max_new_tokens, sampling, seed, stop_at_eot, longest)
 
     def loglikelihoods(self, pairs: list[TokenPair], batch_size: int) -> list[Score]:
-        """Each (context, continuation) pair's score, on the first group."""
+        """Each (context, continuation) pair's score, on the first group (``batch_size``
+        rows per forward on each rank)."""
         return self._first("loglikelihoods", pairs, batch_size)
 
     def generate_until(self, contexts: list[str], stop: tuple[str, ...], max_new_tokens: int,
                        batch_size: int) -> list[str]:
-        """Greedy continuations cut at the first stop string, on the first group."""
+        """Greedy continuations cut at the first stop string, on the first group
+        (``batch_size`` rows per forward on each rank)."""
         return self._first("generate_until", contexts, stop, max_new_tokens, batch_size)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
@@ -178,13 +195,25 @@ class InferenceGroups:
 
         return ray.get(self.groups[0].ranks[0].decode.remote(outputs))
 
-    def _first(self, method: str, *args: Any) -> Any:
+    def _first(self, method: str, rows: Sequence[Any], *args: Any) -> list[Any]:
+        """``rows`` split over the first group's ranks; their answers in order."""
         import ray
 
         try:
-            return ray.get(self.groups[0].call(method, *args))[0]
+            return joined(ray.get(self.groups[0].split(method, rows, *args)))
         except ray.exceptions.RayError as err:
             raise root_cause(err) from None
+
+
+def row_blocks(rows: int, ranks: int) -> list[range]:
+    """Contiguous blocks of ``rows`` rows, one per rank, their sizes differing by one at
+    most (fewer rows than ranks leave some ranks none)."""
+    return [range(r * rows // ranks, (r + 1) * rows // ranks) for r in range(ranks)]
+
+
+def joined(per_rank: list[list[Any]]) -> list[Any]:
+    """The ranks' answers, in row order."""
+    return [answer for answers in per_rank for answer in answers]
 
 
 def format_resident(resident: list[list[ResidentBytes]]) -> str:

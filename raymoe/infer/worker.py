@@ -1,12 +1,16 @@
 """One rank of an inference group: a Ray actor holding the dense part of the model and
 its share of every MoE layer's experts.
 
-Every rank of a group runs the same calls on the same inputs (the batch is replicated
-across the group): the ranks then execute identical code, so the MoE layers' collectives
-always meet, and every rank holds every answer. Each rank reads only its own experts'
-weights, which is what lets the group hold a model no single device can, and what makes
-a batch's expert reads N-way parallel. Splitting the batch's rows across the group as
-well (so that the dense part is not computed N times) is left for later.
+A call's rows (prompts, scored pairs, examples) are split over the group's ranks in
+contiguous blocks (raymoe.infer.group), as training splits its batch: each rank runs the
+model of one process on its own rows only, with its own KV cache, and its tokens reach
+the experts of the other ranks through the MoE layers' all-to-alls, training's exchange
+in eval mode. Inference drops no token, so the exchange is the variable-split one: each
+MoE layer exchanges its per-expert counts first and sizes its buffers from them, which
+lets ranks route different numbers of tokens, none included. What the ranks must share
+is the sequence of collectives: ``Lockstep`` makes every rank run the same number of
+forwards, agreeing through the exchange itself. Each rank reads only its own experts'
+weights, which is what lets the group hold a model no single device can.
 """
 
 from __future__ import annotations
@@ -15,16 +19,20 @@ import dataclasses
 import datetime
 import os
 import socket
-from typing import Any
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 from raymoe.eval.harness import Chunk, EvalOptions, score_chunk
 from raymoe.eval.loading import LoadedModel, load_model
 from raymoe.eval.scoring import Score, ScoringModel, TokenPair
+from raymoe.eval.tasks import Example
 from raymoe.model.generation import Sampling, generate
-from raymoe.model.gpt import GPT, GPTOutput
+from raymoe.model.gpt import GPT
+from raymoe.model.moe import ExpertExchange
 from raymoe.model.precision import autocast
 from raymoe.model.resident import ResidentBytes, resident_bytes
 from raymoe.parallel.mesh import Mesh
@@ -32,40 +40,100 @@ from raymoe.parallel.mesh import Mesh
 TIMEOUT = datetime.timedelta(minutes=10)
 """A rank that died leaves the others waiting in a collective for this long at most."""
 
+T = TypeVar("T")
 
-class AgreedLogits:
-    """The model, with every forward's logits taken from rank 0 of the group.
 
-    Generation feeds each rank's picked tokens back in and stops rows by them: if float
-    rounding ever made two ranks pick differently, their next forwards would differ and
-    the MoE collectives would hang. Broadcasting the (batch x vocab) logits rules that
-    out at a small cost. Everything else is the model's own.
+class Lockstep:
+    """Keeps one rank's forwards in step with the rest of its group.
+
+    Ranks hold different rows, so one may run more forwards than another (more batches,
+    later-finishing rows). Every forward already meets the other ranks' in each MoE
+    layer's count exchange; the first layer's also carries a flag from each rank, 1 while
+    it works. Once its own work is done, a rank runs rounds of each MoE layer on no tokens
+    (the exchanges of a forward, its only collectives, without its dense part), serving
+    its experts to the others' tokens, until a round in which no rank flagged work: the
+    one after every rank's last forward. Every rank thus runs the same number of forwards,
+    with no collective beyond the exchanges (one empty round per call). With one rank, or
+    no MoE layer, there is nothing to keep in step.
     """
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, ranks: int):
         self.model = model
+        layers = model.moe_layers
+        self.flagged: FlaggedExchange | None = None
+        if ranks > 1 and layers:
+            self.flagged = FlaggedExchange(layers[0].exchange)
+            layers[0].exchange = self.flagged
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self.model, name)
+    def run(self, work: Callable[[], T]) -> T:
+        """``work()`` on this rank's rows, returning once every rank's work is done; also
+        when ``work`` fails before a forward (a bad prompt), so that the others finish."""
+        if self.flagged is None:
+            return work()
+        self.flagged.working = True
+        try:
+            return work()
+        finally:
+            self.flagged.working = False
+            self._wait_for_the_others(self.flagged)
 
-    def __call__(self, *args: Any, **kwargs: Any) -> GPTOutput:
-        out = self.model(*args, **kwargs)
-        logits = out.logits.contiguous()
-        dist.broadcast(logits, src=0)
-        out.logits = logits
-        return out
+    @torch.no_grad()
+    def _wait_for_the_others(self, flagged: FlaggedExchange) -> None:
+        device = self.model.wte.weight.device
+        no_tokens = torch.zeros(0, self.model.cfg.d_model, device=device)
+        with autocast(device):  # the others' tokens arrive in the dtype of their autocast
+            while True:
+                for layer in self.model.moe_layers:
+                    layer(no_tokens)
+                if not flagged.anyone_working():
+                    return
+
+
+class FlaggedExchange:
+    """An ExpertExchange whose count exchange also carries this rank's ``working`` flag to
+    every rank of the group (one more count per rank, in the same all-to-all)."""
+
+    def __init__(self, inner: ExpertExchange):
+        self.inner = inner
+        self.ep_size, self.ep_rank = inner.ep_size, inner.ep_rank
+        self.working = False
+        self.flags: Tensor | None = None
+        """Each rank's flag in the last count exchange."""
+
+    def all_to_all(self, x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
+        return self.inner.all_to_all(x, send_counts, recv_counts)
+
+    def exchange_counts(self, counts: Tensor) -> Tensor:
+        flag = counts.new_full((self.ep_size, 1), int(self.working))
+        received = self.inner.exchange_counts(torch.cat([counts.view(self.ep_size, -1), flag], dim=1).flatten())
+        self.flags = received[:, -1]
+        return received[:, :-1]
+
+    def anyone_working(self) -> bool:
+        """Whether any rank flagged work in the last count exchange (a host read)."""
+        assert self.flags is not None, "no count exchange yet"
+        return bool(self.flags.any())
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """The seed of rank ``rank``'s sampling generator: ``seed`` itself on rank 0 (a group
+    of one samples as one process), others on the other ranks, whose rows would otherwise
+    draw rank 0's numbers (a large odd step: seed + 1 on rank 0 is not seed on rank 1)."""
+    return (seed + rank * 0x9E3779B97F4A7C15) % 2**64
 
 
 class InferenceWorker:
     """Rank ``rank`` of a group of ``world_size``. The constructor does nothing that can
     fail (an actor constructor's error reaches the caller only as text): ``join`` forms
-    the group and loads the model."""
+    the group and loads the model. Every call takes this rank's block of the rows; every
+    rank of the group must get the call."""
 
     def __init__(self, rank: int, world_size: int, threads: int):
         torch.set_num_threads(threads)
         self.rank, self.world_size = rank, world_size
         self.loaded: LoadedModel | None = None
         self.scoring: ScoringModel | None = None
+        self.lockstep: Lockstep | None = None
 
     def address(self) -> tuple[str, int]:
         """Where rank 0 listens for the group's rendezvous."""
@@ -86,40 +154,49 @@ class InferenceWorker:
         dist.init_process_group(backend, rank=self.rank, world_size=self.world_size,
                                 timeout=TIMEOUT)
         self.loaded = load_model(checkpoint, device, tokenizer, Mesh(self.world_size))
+        self.lockstep = Lockstep(self.loaded.model, self.world_size)
+        self.scoring = ScoringModel(self.loaded.model, self.loaded.tokenizer)
         return dataclasses.replace(resident_bytes(self.loaded.model), read=self.loaded.bytes_read)
 
-    def _model(self) -> GPT:
-        assert self.loaded is not None, "join first"
-        return self.loaded.model
+    def _in_step(self, work: Callable[[], T]) -> T:
+        assert self.lockstep is not None, "join first"
+        return self.lockstep.run(work)
 
     def _scoring(self) -> ScoringModel:
-        assert self.loaded is not None, "join first"
-        if self.scoring is None:
-            agreed: Any = AgreedLogits(self.loaded.model)  # a GPT to the scorer
-            self.scoring = ScoringModel(agreed, self.loaded.tokenizer)
+        assert self.scoring is not None, "join first"
         return self.scoring
 
-    def score(self, chunk: Chunk, options: EvalOptions) -> list[dict[str, float]]:
-        return score_chunk(self._scoring().scorer(options.batch_size), chunk, options)
+    def score(self, examples: list[Example], task: str, options: EvalOptions) -> list[dict[str, float]]:
+        """The records of this rank's examples of a chunk of ``task``."""
+        scorer = self._scoring().scorer(options.batch_size)
+        return self._in_step(lambda: score_chunk(scorer, Chunk(task, examples), options))
 
     def loglikelihoods(self, pairs: list[TokenPair], batch_size: int) -> list[Score]:
-        return self._scoring().loglikelihoods(pairs, batch_size)
+        return self._in_step(lambda: self._scoring().loglikelihoods(pairs, batch_size))
 
     def generate_until(self, contexts: list[str], stop: tuple[str, ...], max_new_tokens: int,
                        batch_size: int) -> list[str]:
-        return self._scoring().generate_until(contexts, stop, max_new_tokens, batch_size)
+        return self._in_step(lambda: self._scoring().generate_until(contexts, stop, max_new_tokens,
+                                                                    batch_size))
 
     def generate(self, prompts: list[list[int]], max_new_tokens: int, sampling: Sampling,
-                 seed: int, stop_at_eot: bool) -> list[list[int]]:
-        """The new tokens of each prompt; every rank draws from a generator seeded alike."""
+                 seed: int, stop_at_eot: bool, longest: int) -> list[list[int]]:
+        """The new tokens of this rank's prompts. ``longest``: the group's longest prompt,
+        which bounds every row's new tokens to the model's context, as in one process."""
         assert self.loaded is not None, "join first"
-        model = self._model()
-        eot = self.loaded.tokenizer.eot_id
-        generator = torch.Generator(device=model.wte.weight.device).manual_seed(seed)
-        agreed: Any = AgreedLogits(model)
-        with autocast(model.wte.weight.device):
-            return generate(agreed, prompts, max_new_tokens, sampling, generator=generator,
-                            is_done=(lambda new: new[-1] == eot) if stop_at_eot else None)
+        model, eot = self.loaded.model, self.loaded.tokenizer.eot_id
+        device = model.wte.weight.device
+        generator = torch.Generator(device=device).manual_seed(rank_seed(seed, self.rank))
+        max_new_tokens = min(max_new_tokens, model.cfg.seq_len - longest)
+
+        def work() -> list[list[int]]:
+            if not prompts:
+                return []
+            with autocast(device):
+                return generate(model, prompts, max_new_tokens, sampling, generator=generator,
+                                is_done=(lambda new: new[-1] == eot) if stop_at_eot else None)
+
+        return self._in_step(work)
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         """Each text's tokens (the end-of-text token for an empty one)."""

@@ -86,7 +86,7 @@ def dispatch_fixed(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange, e
     capacity, ep = gate.capacity, exchange.ep_size
     local_experts, d = num_experts // ep, tokens.shape[1]
     expert, slot, weight = gate.expert.reshape(-1), gate.slot.reshape(-1), gate.weight.reshape(-1)
-    top_k = expert.numel() // tokens.shape[0]
+    top_k = _top_k(gate)
     rows = num_experts * capacity
     # A dropped assignment goes to a spare last row that is never sent.
     row = torch.where(slot >= 0, expert * capacity + slot, rows)
@@ -113,7 +113,7 @@ def dispatch_variable(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange
     ep = exchange.ep_size
     local_experts, d = num_experts // ep, tokens.shape[1]
     expert, weight = gate.expert.reshape(-1), gate.weight.reshape(-1)
-    top_k = expert.numel() // tokens.shape[0]
+    top_k = _top_k(gate)
     by_expert = torch.where(gate.kept.reshape(-1), expert, num_experts)  # dropped: last
     order = torch.argsort(by_expert, stable=True)
     counts = count_per_expert(by_expert, num_experts + 1)[:num_experts]
@@ -136,6 +136,11 @@ def dispatch_variable(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange
     results = results.reshape(-1, d).index_select(0, row)
     out = exchange.all_to_all(results, sizes.recv, sizes.send)
     return _Combine.apply(out, weight.index_select(0, order), token_index, tokens.shape[0]), sizes.capacity
+
+
+def _top_k(gate: GateOutput) -> int:
+    """Assignments per token (from the shape: a rank may route no token at all)."""
+    return gate.expert.shape[1] if gate.expert.ndim == 2 else 1
 
 
 class _HostSizes:
