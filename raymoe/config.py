@@ -55,6 +55,11 @@ class MoEConfig:
     """Training loss = LM loss + loss_coef * sum of the layers' load-balancing l_aux."""
     z_loss_coef: float = 0.0
     """Router z-loss (ST-MoE); 0 turns it off."""
+    bias_update_rate: float = 0.0
+    """Loss-free balancing (DeepSeek-V3): a per-expert bias added to the router logits for
+    the choice of expert only (the combine weight stays the unbiased softmax), moved after
+    every step by this much toward equal loads: up for an expert under the step's mean
+    load, down for one over it. 0 turns it off (DeepSpeed's gate)."""
     fixed_capacity_exchange: bool = True
     """With dropping, exchange fixed [experts x capacity, d] buffers: no count exchange,
     no host sync. False sends only the kept rows, sized by one host read of the counts
@@ -256,6 +261,8 @@ class Config:
                  f"must be > 0, got {moe.eval_capacity_factor}")
         _require(moe.min_capacity >= 0, "model.moe.min_capacity", "must be >= 0")
         _require(moe.top_k in (1, 2), "model.moe.top_k", f"must be 1 or 2, got {moe.top_k}")
+        _require(moe.bias_update_rate >= 0, "model.moe.bias_update_rate",
+                 f"must be >= 0 (0 = off), got {moe.bias_update_rate}")
         if moe.enabled:
             _require(moe.top_k <= moe.num_experts, "model.moe.top_k",
                      f"top_k={moe.top_k} exceeds model.moe.num_experts={moe.num_experts}")

@@ -35,7 +35,8 @@ def tiny_config(drop_tokens: bool, fixed_exchange: bool = True, checkpointing: b
         "model.seq_len=16", f"model.n_layer={MOE_LAYERS}", "model.d_model=32", "model.moe.every=1",
         "model.moe.use_rts=false", f"model.moe.drop_tokens={str(drop_tokens).lower()}",
         f"model.moe.fixed_capacity_exchange={str(fixed_exchange).lower()}",
-        "model.moe.min_capacity=1", "optim.lr=1e-2", "optim.grad_clip=0.05"])
+        "model.moe.min_capacity=1", "model.moe.bias_update_rate=0.1", "optim.lr=1e-2",
+        "optim.grad_clip=0.05"])
 
 
 def global_batch(cfg, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,7 +57,8 @@ def build(cfg, mesh: Mesh):
 
 
 def local_params(model: GPT) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+    """Parameters, and the routers' balancing biases (updated from the step's loads)."""
+    return {n: t.detach().clone() for n, t in [*model.named_parameters(), *model.named_buffers()]}
 
 
 def one_step_worker(rank: int, world: int, ep_sizes: list[int]) -> dict:
@@ -87,6 +89,8 @@ def reference_step(drop: bool, ranks: int):
 def assert_matches_reference(results: list[dict], ep: int, drop: bool) -> None:
     ref_step, ref_params = reference_step(drop, len(results))
     assert ref_step.grad_norm > 0.05, "the clip must be active for this test to mean anything"
+    biases = [v for n, v in ref_params.items() if n.endswith("balance_bias")]
+    assert len(biases) == MOE_LAYERS and all(b.abs().sum() > 0 for b in biases), "no balancing update"
     for rank_result in results:
         got = rank_result[(ep, drop)]
         assert got["step"].loss == pytest.approx(ref_step.loss, abs=1e-5)

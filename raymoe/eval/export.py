@@ -7,6 +7,8 @@ The MoE layout (config.json "format": "raymoe-moe/1"), tensors named as in raymo
   blocks.{i}.ln_2.*, then per layer either a dense MLP: blocks.{i}.mlp.fc.*, mlp.proj.*
   (torch Linear, y = x W^T + b) or an MoE layer (every expert, by global id):
     blocks.{i}.mlp.router.weight [E, d]    gates = softmax(x @ router^T) in fp32
+    blocks.{i}.mlp.router.balance_bias [E] with loss-free balancing only: the expert
+      chosen is argmax(x @ router^T + balance_bias); its weight is still its gate
     blocks.{i}.mlp.experts.w_in [E, d, f], bias_in [E, f]
     blocks.{i}.mlp.experts.w_out [E, f, d], bias_out [E, d]
       expert e: y = gelu_tanh(x @ w_in[e] + bias_in[e]) @ w_out[e] + bias_out[e]

@@ -80,18 +80,22 @@ def _load_balancing_loss(gates: Tensor, first_counts: Tensor) -> Tensor:
 def top1_gating(logits: Tensor, capacity_factor: float = 1.0, min_capacity: int = 4,
                 drop_tokens: bool = True, use_rts: bool = True,
                 noisy_gate_policy: str | None = None,
-                generator: torch.Generator | None = None) -> GateOutput:
+                generator: torch.Generator | None = None,
+                selection_bias: Tensor | None = None) -> GateOutput:
     """DeepSpeed's top1gating on (S, E) fp32 router logits.
 
     Without RTS an over-full expert keeps its first ``capacity`` tokens in token order.
+    ``selection_bias`` (E,): added to the logits for the choice of expert only (loss-free
+    balancing); the combine weights and l_aux use the unbiased softmax.
     """
     num_tokens, num_experts = logits.shape
     gates = F.softmax(logits, dim=1)
+    choice = logits if selection_bias is None else logits + selection_bias
     if noisy_gate_policy == "RSample":
         noise = -torch.log(-torch.log(_uniform(logits.shape, logits, generator)))
-        expert = torch.argmax(logits + noise, dim=1)
-    else:
-        expert = torch.argmax(gates, dim=1)
+        expert = torch.argmax(choice + noise, dim=1)
+    else:  # DeepSpeed's argmax over the softmax (ties as it breaks them) unless biased
+        expert = torch.argmax(gates if selection_bias is None else choice, dim=1)
     exp_counts = count_per_expert(expert, num_experts)
     l_aux = _load_balancing_loss(gates, exp_counts)
     if not drop_tokens:
@@ -120,14 +124,17 @@ def top1_gating(logits: Tensor, capacity_factor: float = 1.0, min_capacity: int 
 
 def top2_gating(logits: Tensor, capacity_factor: float = 1.0, min_capacity: int = 4,
                 drop_tokens: bool = True, second_expert_sampling: bool = True,
-                generator: torch.Generator | None = None) -> GateOutput:
-    """DeepSpeed's top2gating: outputs have shape (S, 2); first choices fill slots first."""
+                generator: torch.Generator | None = None,
+                selection_bias: Tensor | None = None) -> GateOutput:
+    """DeepSpeed's top2gating: outputs have shape (S, 2); first choices fill slots first.
+    ``selection_bias`` as in top1_gating, for both choices."""
     num_tokens, num_experts = logits.shape
     gates = F.softmax(logits, dim=1)
-    first = torch.argmax(gates, dim=1)
-    second_logits = logits
+    choice = logits if selection_bias is None else logits + selection_bias
+    first = torch.argmax(gates if selection_bias is None else choice, dim=1)
+    second_logits = choice
     if second_expert_sampling:
-        second_logits = logits + -torch.log(-torch.log(_uniform(logits.shape, logits, generator)))
+        second_logits = choice + -torch.log(-torch.log(_uniform(logits.shape, logits, generator)))
     second_logits = second_logits.scatter(1, first[:, None], float("-inf"))
     second = torch.argmax(second_logits, dim=1)
 

@@ -118,6 +118,13 @@ class GPT(nn.Module):
         """
         for name, param in self.named_parameters():
             self.initializer(name).fill(param)
+        self.reset_buffers()
+
+    @torch.no_grad()
+    def reset_buffers(self) -> None:
+        """The routers' balancing biases (the model's only buffers) start at zero."""
+        for buffer in self.buffers():
+            buffer.zero_()
 
     def initializer(self, name: str) -> ParameterInit:
         """How parameter ``name`` is initialised. Ask in ``named_parameters`` order, once per

@@ -55,12 +55,31 @@ class MoEStats:
 
 
 class Router(nn.Module):
-    """The gate's linear map, always computed in fp32 (also under bf16 autocast)."""
+    """The gate's linear map, always computed in fp32 (also under bf16 autocast); with
+    loss-free balancing (``bias_update_rate`` > 0) also the experts' selection bias, a
+    buffer that every rank updates alike from the step's all-reduced loads."""
 
-    def __init__(self, d_model: int, num_experts: int, noisy_gate_policy: str | None):
+    balance_bias: Tensor | None
+
+    def __init__(self, d_model: int, num_experts: int, noisy_gate_policy: str | None,
+                 bias_update_rate: float = 0.0):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(num_experts, d_model))
         self.noisy_gate_policy = noisy_gate_policy
+        self.bias_update_rate = bias_update_rate
+        self.register_buffer("balance_bias", torch.zeros(num_experts) if bias_update_rate > 0 else None)
+
+    @torch.no_grad()
+    def balance(self, tokens_per_expert: Tensor) -> None:
+        """Loss-free balancing's update after a step: each expert's bias up by the rate when
+        its load (tokens routed to it, over all ranks) is under the mean, down when over."""
+        if self.balance_bias is None:
+            return
+        load = tokens_per_expert.double()  # on the host: the step's summary already read
+        step = torch.sign(load.mean() - load).float() * self.bias_update_rate
+        if step.device != self.balance_bias.device:
+            step = step.to(self.balance_bias.device, non_blocking=True)  # to the device: no wait
+        self.balance_bias.add_(step)
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.float()
@@ -206,7 +225,7 @@ class MoELayer(nn.Module):
                              f"expert-parallel size {self.exchange.ep_size}")
         self.num_experts = cfg.num_experts
         self.num_local_experts = cfg.num_experts // self.exchange.ep_size
-        self.router = Router(d_model, cfg.num_experts, cfg.noisy_gate_policy)
+        self.router = Router(d_model, cfg.num_experts, cfg.noisy_gate_policy, cfg.bias_update_rate)
         self.experts = Experts(self.num_local_experts, d_model, d_ffn)
         self.last_stats: MoEStats | None = None
 
@@ -219,11 +238,13 @@ class MoELayer(nn.Module):
         cfg = self.cfg
         capacity_factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
         drop_tokens = cfg.drop_tokens if self.training else cfg.eval_drop_tokens
+        bias = self.router.balance_bias
         if cfg.top_k == 1:
             return top1_gating(logits, capacity_factor, cfg.min_capacity, drop_tokens,
-                               cfg.use_rts, cfg.noisy_gate_policy if self.training else None)
+                               cfg.use_rts, cfg.noisy_gate_policy if self.training else None,
+                               selection_bias=bias)
         return top2_gating(logits, capacity_factor, cfg.min_capacity, drop_tokens,
-                           cfg.second_expert_sampling and self.training)
+                           cfg.second_expert_sampling and self.training, selection_bias=bias)
 
     def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
         shape = x.shape

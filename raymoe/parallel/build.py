@@ -41,6 +41,7 @@ def build_model(cfg: Config, mesh: Mesh, device: torch.device) -> GPT:
 def initialise(model: GPT) -> None:
     """Every parameter's local part, with the values of the model built whole."""
     model.replay_construction_draws()
+    model.reset_buffers()
     for name, param in model.named_parameters():
         init = model.initializer(name)
         if not isinstance(param, DTensor):

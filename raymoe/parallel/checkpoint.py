@@ -112,8 +112,11 @@ def _contiguous_stride(shape: torch.Size) -> tuple[int, ...]:
 
 
 def _model_state(model: nn.Module, mesh: Mesh) -> dict[str, Tensor]:
-    return {f"model.{n}": _global_tensor(n, p.detach(), model, mesh)
-            for n, p in model.named_parameters()}
+    """The parameters, and the buffers (the routers' balancing biases: dense, alike on
+    every rank)."""
+    state = {f"model.{n}": _global_tensor(n, p.detach(), model, mesh) for n, p in model.named_parameters()}
+    state.update((f"model.{n}", b) for n, b in model.named_buffers())
+    return state
 
 
 def _optimizer_state(model: nn.Module, mesh: Mesh,

@@ -95,6 +95,8 @@ def train_step(model: GPT, optimizer: torch.optim.Optimizer, mesh: Mesh,
         if grad_clip > 0:
             scale_gradients(model, grad_clip, norm)
         optimizer.step()
+        for layer, loads in zip(model.moe_layers, result.tokens_per_expert, strict=True):
+            layer.router.balance(loads)  # loss-free balancing, where on
     optimizer.zero_grad(set_to_none=False)  # the expert FFN reuses gradient buffers
     return result
 
