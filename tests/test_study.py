@@ -60,4 +60,6 @@ def test_the_search_chooses_each_models_rate_and_its_trials_train_at_it(dataset,
     runs_before = sorted(Path(tmp_path / "runs" / "search" / "search").rglob("manifest.json"))
     run_study(load_study(str(study_file)))
     assert sorted(Path(tmp_path / "runs" / "search" / "search").rglob("manifest.json")) == runs_before
-    assert "learning rate of dense: 0.003" in capsys.readouterr().out
+    again = capsys.readouterr().out
+    assert "learning rate of dense: 0.003" in again
+    assert "_trial_" not in again, again  # Tune's "Trial ... completed. Last result:" of a finished run

@@ -22,7 +22,16 @@ from raymoe.runs import metrics_part, run_location
 from raymoe.study.outcomes import LayerHealth, TrialOutcome, largest_rise, router_health, validation_curves
 from raymoe.study.report import Report, build_report, y_limits
 from raymoe.study.spec import ModelSpec, Study
-from raymoe.study.tables import ModelRow, comparisons, fit_dense, lr_search_table, router_table, stability_table, worth
+from raymoe.study.tables import (
+    ModelRow,
+    comparisons,
+    fit_dense,
+    lr_search_table,
+    router_table,
+    stability_table,
+    worth,
+    worth_along,
+)
 
 
 def row(model: str, params: int, losses: list[float], *, active: int = 0, samples_per_s: float = 100.0,
@@ -83,6 +92,30 @@ def test_without_two_dense_sizes_there_is_no_worth():
             row("moe", 8_000_000, [4.8], active=1_000_000)]
     assert fit_dense(rows) is None
     assert comparisons(rows)[1].startswith("moe (val 4.8000): no dense-equivalent size")
+
+
+def test_worth_along_training_is_read_at_each_evaluation_from_that_evaluations_fit():
+    """Dense losses linear in log params at every evaluation, the MoE model's equal to a
+    dense model of 2x then 4x then 8x its active parameters; one MoE seed failed."""
+    tokens = [1_000 * 2**i for i in range(12)]
+    worth_at = {t: 2.0 ** (1 + i // 4) for i, t in enumerate(tokens)}
+
+    def loss(params: float, t: int) -> float:
+        return 10.0 - 0.5 * math.log(params) - 0.1 * math.log(t)
+
+    trials = [TrialOutcome(f"dense-{n}-seed{s}", f"dense-{n}", s, curve=[(t, loss(n, t)) for t in tokens])
+              for n in (1_000_000, 4_000_000) for s in (1, 2)]
+    trials.append(TrialOutcome("moe-seed1", "moe", 1, curve=[(t, loss(1e6 * worth_at[t], t)) for t in tokens]))
+    trials.append(TrialOutcome("moe-seed2", "moe", 2, curve=[(t, 0.0) for t in tokens], error="RuntimeError: boom"))
+    rows = [row("dense-1000000", 1_000_000, [1.0]), row("dense-4000000", 4_000_000, [1.0]),
+            row("moe", 8_000_000, [1.0], active=1_000_000)]
+    along = worth_along(rows, trials, points=4)
+    assert worth_along(rows, trials) == comparisons(rows, trials)[-1]
+    cells = {t: table_rows(along, f"{t:,}") for t in tokens}
+    shown = {t: cell[0][1] for t, cell in cells.items() if cell}
+    assert list(shown) == [1_000, 16_000, 128_000, 2_048_000]  # evenly in log tokens, first and last
+    assert shown == {t: f"{worth_at[t]:.2f}x" for t in shown}
+    assert worth_along(rows[:2], trials) == ""  # no MoE model
 
 
 def test_table2_names_the_smallest_dense_model_of_equal_quality_and_the_throughput_ratio():

@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from ray.tune import Callback
+from ray.tune.progress_reporter import TrialProgressCallback
 
 PROGRESS_EVERY_S = 60.0
 """At most one progress line per trial this often (an evaluation's line waits for it)."""
@@ -30,10 +30,14 @@ def progress_line(name: str, result: dict[str, Any], total_tokens: int) -> str:
     return f"{name}: {', '.join(parts)}"
 
 
-class TrialProgress(Callback):
-    """Prints each trial's evaluations (at most one a minute) and how it ended."""
+class TrialProgress(TrialProgressCallback):
+    """Prints each trial's evaluations (at most one a minute) and how it ended. It takes
+    the place of Tune's own trial printer (which Tune adds unless one is given, and which
+    prints "Trial ... completed. Last result: ..." whatever the verbosity): every method
+    of that printer that prints is overridden here."""
 
     def __init__(self) -> None:
+        super().__init__()
         self._last: dict[str, float] = {}
         self._started: dict[str, float] = {}
         self._latest: dict[str, dict[str, Any]] = {}

@@ -185,7 +185,7 @@ def build_report(study: Study, errors: dict[str, str], eval_errors: dict[str, st
     trials = [read_outcome(t, errors.get(t["name"], ""), study.eval_uri(t["name"]))
               for t in study.trials(lr_search["chosen"] if lr_search else None)]
     rows = model_rows(trials, study)
-    return Report(study.name, trials, rows, comparisons(rows),
+    return Report(study.name, trials, rows, comparisons(rows, trials),
                   study.eval.options.tasks if study.eval else [],
                   [f"evaluation of {name} failed: {why}" for name, why in (eval_errors or {}).items()],
                   lr_search, study.note, study.uri)

@@ -5,6 +5,7 @@ health."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import statistics
 from collections.abc import Callable, Sequence
@@ -175,10 +176,51 @@ def table2(rows: list[ModelRow], fit: LossFit | None) -> str:
                             "throughput ratio"], lines)
 
 
-def comparisons(rows: list[ModelRow]) -> list[str]:
-    """Table 2's form, then each MoE model's worth."""
+def comparisons(rows: list[ModelRow], trials: Sequence[TrialOutcome] = ()) -> list[str]:
+    """Table 2's form, each MoE model's worth, then its worth along training."""
     fit = fit_dense(rows)
-    return [table2(rows, fit), *(worth_line(moe, fit) for moe in rows if moe.is_moe and moe.trials)]
+    along = worth_along(rows, trials)
+    return [table2(rows, fit), *(worth_line(moe, fit) for moe in rows if moe.is_moe and moe.trials),
+            *([along] if along else [])]
+
+
+WORTH_POINTS = 8
+"""Evaluations shown in the worth-along-training table (spread evenly in log tokens)."""
+
+
+def worth_along(rows: list[ModelRow], trials: Sequence[TrialOutcome], points: int = WORTH_POINTS) -> str:
+    """Each MoE model's worth at evaluations along training, where the study's trials all
+    evaluated: the fit over the dense models' mean losses at those tokens, read at the MoE
+    model's mean loss there (where it is heading). Empty without a MoE model or two points."""
+    finished = [t for t in trials if not t.error and t.curve]
+    moe = [r for r in rows if r.is_moe and r.trials]
+    common = sorted(set.intersection(*(set(tokens for tokens, _ in t.curve) for t in finished))) if finished else []
+    if not moe or len(common) < 2:
+        return ""
+    low, high = math.log(common[0]), math.log(common[-1])
+    targets = [math.exp(low + (high - low) * i / (points - 1)) for i in range(points)]
+    chosen = sorted({min(common, key=lambda tokens: abs(math.log(tokens / target))) for target in targets})
+
+    def at(tokens: int) -> list[ModelRow]:
+        out = []
+        for row in rows:
+            losses = [dict(t.curve)[tokens] for t in finished if t.model == row.model]
+            if losses:
+                out.append(dataclasses.replace(row, val_loss=statistics.mean(losses), val_losses=losses))
+        return out
+
+    lines = []
+    for tokens in chosen:
+        here = at(tokens)
+        fit = fit_dense(here)
+        cells = []
+        for model in moe:
+            mine = next((r for r in here if r.model == model.model), None)
+            cells.append("-" if fit is None or mine is None else f"{worth(fit, mine).of_mean:.2f}x")
+        lines.append([f"{tokens:,}", *cells])
+    return ("Worth along training (at each of these evaluations, the fit over the dense models' mean "
+            "losses there, read at the MoE model's mean loss there):\n\n"
+            + _markdown_table(["tokens", *(m.model for m in moe)], lines))
 
 
 def format_lr(lr: float) -> str:
