@@ -4,8 +4,8 @@ For the base (dense-1x) and the base + 32 experts (base-moe32), at the study's b
 micro-batch of 16 x 128 tokens a step), on this machine's 2 cores:
 - a bare loop (forward, backward, clipping, AdamW; the batches already in memory as
   tensors) in fp32, in bf16 autocast and compiled (torch.compile), 2 threads;
-- raymoe's trainer on one Ray worker of 2 CPUs (fp32 and bf16) and on 2 workers of 1 CPU,
-  over the same sequences (the study's prepared data, its first shard in order);
+- raymoe's trainer on one Ray worker of 2 CPUs (fp32 and bf16) and on 2 workers of 1 CPU
+  (the MoE model also at EP 2), over the same sequences (the study's prepared data, its first shard in order);
 and the ratios: trainer / bare loop (goal >= 0.9 on one worker), 2 workers / one (goal
 >= 1.0), bf16 / fp32, compiled / eager. Wall-clock tokens/s after the first logged steps.
 
@@ -120,14 +120,17 @@ def model_rows(model: str, data: str, steps: int, tmp: str) -> list[str]:
     one = {p: trainer(cfg_of, tmp, f"{model}-1w-{p}", ["parallel.num_workers=1", "parallel.cpus_per_worker=2",
                                                        f"train.precision={p}"])
            for p in ("fp32", "bf16")}
-    two = trainer(cfg_of, tmp, f"{model}-2w", ["parallel.num_workers=2", "parallel.cpus_per_worker=1",
-                                               "train.micro_batch=8", "train.precision=fp32"])
+    on_two = ["parallel.num_workers=2", "parallel.cpus_per_worker=1", "train.micro_batch=8", "train.precision=fp32"]
+    two = trainer(cfg_of, tmp, f"{model}-2w", on_two)
+    # a MoE model also at EP 2: each worker holds and all-reduces half the experts
+    ep2 = trainer(cfg_of, tmp, f"{model}-2w-ep2", [*on_two, "parallel.ep_size=2"]) if cfg.model.moe.enabled else None
     return [
         f"{model}: bare loop fp32 {bare['fp32']:,.0f} tokens/s, bf16 {bare['bf16']:,.0f}, compiled {compiled}",
         f"{model}: raymoe 1 worker fp32 {one['fp32']:,.0f} tokens/s, bf16 {one['bf16']:,.0f}; "
-        f"2 workers fp32 {two:,.0f}",
+        f"2 workers fp32 {two:,.0f}" + (f", at EP 2 {ep2:,.0f}" if ep2 else ""),
         f"{model}: raymoe 1 worker / bare loop (fp32) = {one['fp32'] / bare['fp32']:.2f}   "
-        f"(bf16) = {one['bf16'] / bare['bf16']:.2f}   2 workers / 1 worker = {two / one['fp32']:.2f}   "
+        f"(bf16) = {one['bf16'] / bare['bf16']:.2f}   2 workers / 1 worker = {two / one['fp32']:.2f}"
+        + (f" (EP 2: {ep2 / one['fp32']:.2f})" if ep2 else "") + "   "
         f"bf16 / fp32: bare {bare['bf16'] / bare['fp32']:.2f}, raymoe {one['bf16'] / one['fp32']:.2f}   "
         f"compiled / eager (bare) = {compiled_ratio}",
     ]
