@@ -201,10 +201,12 @@ def worth_along(rows: list[ModelRow], trials: Sequence[TrialOutcome], points: in
     targets = [math.exp(low + (high - low) * i / (points - 1)) for i in range(points)]
     chosen = sorted({min(common, key=lambda tokens: abs(math.log(tokens / target))) for target in targets})
 
+    curves = [(t.model, dict(t.curve)) for t in finished]
+
     def at(tokens: int) -> list[ModelRow]:
         out = []
         for row in rows:
-            losses = [dict(t.curve)[tokens] for t in finished if t.model == row.model]
+            losses = [curve[tokens] for model, curve in curves if model == row.model]
             if losses:
                 out.append(dataclasses.replace(row, val_loss=statistics.mean(losses), val_losses=losses))
         return out
