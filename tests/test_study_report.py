@@ -132,7 +132,16 @@ def test_table2_names_the_smallest_dense_model_of_equal_quality_and_the_throughp
     assert table_rows(table, "moe") == [["moe", f"{loss_at(4e6):.4f}", "dense-m", f"{loss_at(4e6):.4f}",
                                          "300.0", "100.0", "38,400", "12,800", "3.00x"]]
     (big,) = table_rows(table, "moe-big")  # better than every dense model: the fit's size
-    assert big[2:] == ["none; the fit's: 64.00M non-embedding params", "-", "50.0", "-", "6,400", "-", "-"]
+    assert big[2:] == ["none (better than every dense model); the fit's: 64.00M non-embedding params",
+                       "-", "50.0", "-", "6,400", "-", "-"]
+
+
+def test_table2_matches_no_dense_model_to_a_moe_model_worse_than_all_of_them():
+    dense = [row("dense-s", 1_000_000, [loss_at(1e6)]), row("dense-m", 4_000_000, [loss_at(4e6)])]
+    moe = row("moe", 8_000_000, [loss_at(0.5e6)], active=1_000_000)
+    (worse,) = table_rows(comparisons([*dense, moe])[0], "moe")
+    assert worse[2] == "none (worse than every dense model); the fit's: 0.50M non-embedding params"
+    assert worse[3:] == ["-", "100.0", "-", "12,800", "-", "-"]
 
 
 LR_SEARCH = {
@@ -298,7 +307,7 @@ def test_the_report_of_runs_in_storage(tmp_path):
                                               f"{dense.non_embedding_params:,}", "1.00e-03"]
     assert re.search(r"^\| silent \| .* \| 0, failed: silent-seed1: no metrics were written", md, re.MULTILINE)
     assert "| moe | 0 | 20.00% | 30.00% | 0.300 |" in md  # one seed: no worst
-    assert "| moe | 3.9500 | dense | 3.8500 | 10.0 | 10.0 | 1,280 | 1,280 | 1.00x |" in md
+    assert "| moe | 3.9500 | none (worse than every dense model) | - | 10.0 | - | 1,280 | - | - |" in md
     curves = list(csv.DictReader(io.StringIO((tmp_path / "toy" / "validation_curves.csv").read_text())))
     assert {r["set"] for r in curves} == {"own", "wiki"}
     assert json.loads((tmp_path / "toy" / "trials.json").read_text())[2]["router"][1]["layer"] == 1

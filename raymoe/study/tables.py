@@ -143,8 +143,12 @@ def worth_line(moe: ModelRow, fit: LossFit | None) -> str:
 
 
 def equal_quality(rows: list[ModelRow], moe: ModelRow) -> ModelRow | None:
-    """The smallest dense model whose validation loss is at or below the MoE model's."""
-    matched = [r for r in rows if not r.is_moe and r.trials and r.val_loss <= moe.val_loss]
+    """The smallest dense model whose validation loss is at or below the MoE model's; none
+    where the MoE model is worse than every dense model (it matches none of them)."""
+    dense = [r for r in rows if not r.is_moe and r.trials]
+    if all(r.val_loss < moe.val_loss for r in dense):
+        return None
+    matched = [r for r in dense if r.val_loss <= moe.val_loss]
     return min(matched, key=lambda r: r.non_embedding_params, default=None)
 
 
@@ -154,6 +158,14 @@ def _markdown_row(values: Sequence[str]) -> str:
 
 def _markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join([_markdown_row(head), _markdown_row(["---"] * len(head)), *map(_markdown_row, rows)])
+
+
+def _matches_none(rows: list[ModelRow], moe: ModelRow) -> str:
+    """Why no dense model is of the MoE model's quality."""
+    dense = [r.val_loss for r in rows if not r.is_moe and r.trials]
+    if not dense:
+        return "none in the study"
+    return "none (better than every dense model)" if min(dense) > moe.val_loss else "none (worse than every dense model)"
 
 
 def table2(rows: list[ModelRow], fit: LossFit | None) -> str:
@@ -168,8 +180,9 @@ def table2(rows: list[ModelRow], fit: LossFit | None) -> str:
                           f"{dense.samples_per_s:.1f}", f"{moe.tokens_per_s:,.0f}", f"{dense.tokens_per_s:,.0f}",
                           f"{moe.samples_per_s / dense.samples_per_s:.2f}x"])
             continue
-        equivalent = "none in the study" if fit is None else \
-            f"none; the fit's: {_millions(fit.params_at(moe.val_loss))} non-embedding params"
+        equivalent = _matches_none(rows, moe)
+        if fit is not None:
+            equivalent += f"; the fit's: {_millions(fit.params_at(moe.val_loss))} non-embedding params"
         lines.append([*mine, equivalent, "-", f"{moe.samples_per_s:.1f}", "-", f"{moe.tokens_per_s:,.0f}", "-", "-"])
     return _markdown_table(["MoE model", "its val loss", "dense model of equal quality", "its val loss",
                             "MoE samples/s", "dense samples/s", "MoE tokens/s", "dense tokens/s",
