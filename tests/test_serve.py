@@ -5,6 +5,7 @@ process computes."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -31,7 +32,7 @@ from raymoe.local_cluster import free_port
 from raymoe.model import GPT
 from raymoe.model.generation import Sampling, generate
 from raymoe.serve import ServeOptions, serve_checkpoint
-from raymoe.serve.batching import Row, plan_calls
+from raymoe.serve.batching import BatchWhenFree, Row, plan_calls
 from raymoe.serve.text import TextStream
 
 APP = "raymoe-test"
@@ -70,6 +71,100 @@ def test_rows_share_a_call_when_they_sample_alike_and_fit_the_context_together()
             Row((1,), 5, temperature=0.7, seed=1), Row((1,), 5, temperature=0.7, seed=1)]  # seeded: alone
     assert [c.rows for c in plan_calls(rows, seq_len=100)] == [[0, 1], [2], [3, 4], [5], [6]]
     assert [(c.longest, c.max_tokens) for c in plan_calls(rows, 100)][:2] == [(30, 20), (3, 90)]
+
+
+class HeldModel:
+    """A model whose batches run until the test lets them go: what each batch held."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[int]] = []
+        self.release = asyncio.Event()
+
+    async def run(self, rows: list[Row]) -> list[list[int]]:
+        self.batches.append([row.prompt[0] for row in rows])
+        await self.release.wait()
+        self.release.clear()
+        if any(row.prompt[0] < 0 for row in rows):
+            raise ValueError("a bad row")
+        return [[row.prompt[0] * 10] for row in rows]
+
+
+async def settle() -> None:
+    for _ in range(10):
+        await asyncio.sleep(0)
+
+
+def test_a_batch_takes_every_row_that_queued_while_the_model_was_busy():
+    async def scenario() -> None:
+        model = HeldModel()
+        batcher = BatchWhenFree(model.run, max_rows=8, wait_s=0.0)
+        first = asyncio.ensure_future(batcher.submit(Row((1,), 4)))
+        await settle()
+        assert model.batches == [[1]]  # an idle model with no wait runs the first row at once
+        later = [asyncio.ensure_future(batcher.submit(Row((i,), 4))) for i in range(2, 12)]
+        await settle()
+        model.release.set()
+        assert await first == [10]
+        await settle()
+        assert model.batches == [[1], list(range(2, 10))]  # all that queued, up to max_rows
+        model.release.set()
+        await settle()
+        model.release.set()
+        assert await asyncio.gather(*later) == [[i * 10] for i in range(2, 12)]
+        assert model.batches == [[1], list(range(2, 10)), [10, 11]]
+
+    asyncio.run(scenario())
+
+
+def test_rows_answered_by_a_batch_can_join_the_next_within_the_wait():
+    async def scenario() -> None:
+        model = HeldModel()
+        batcher = BatchWhenFree(model.run, max_rows=8, wait_s=0.3)
+
+        async def client(first: int) -> list[int]:  # sends its next row once answered
+            answer = await batcher.submit(Row((first,), 4))
+            return answer + await batcher.submit(Row((first + 100,), 4))
+
+        one = asyncio.ensure_future(client(1))
+        await asyncio.sleep(0.4)  # the wait ran out: [1] runs
+        two = asyncio.ensure_future(client(2))
+        await settle()
+        model.release.set()  # [1] answered: [2] waits, and client 1's next row joins it
+        await asyncio.sleep(0.4)
+        assert model.batches == [[1], [2, 101]]
+        model.release.set()
+        await asyncio.sleep(0.4)
+        model.release.set()
+        assert (await one, await two) == ([10, 1010], [20, 1020])
+        assert model.batches == [[1], [2, 101], [102]]
+
+    asyncio.run(scenario())
+
+
+def test_an_idle_model_waits_for_a_batch_to_fill_and_a_failed_batch_fails_only_its_rows():
+    async def scenario() -> None:
+        model = HeldModel()
+        batcher = BatchWhenFree(model.run, max_rows=3, wait_s=30.0)
+        rows = [asyncio.ensure_future(batcher.submit(Row((i,), 4))) for i in (-1, 2)]
+        await settle()
+        assert model.batches == []  # waiting for a third row (or 30 s)
+        gone = asyncio.ensure_future(batcher.submit(Row((3,), 4)))
+        queued = [asyncio.ensure_future(batcher.submit(Row((i,), 4))) for i in (4, 5, 6, 7)]
+        await settle()
+        assert model.batches == [[-1, 2, 3]]  # full: runs without waiting out the 30 s
+        gone.cancel()
+        queued[0].cancel()  # its client left while it queued: no row of the next batch
+        model.release.set()
+        with pytest.raises(ValueError, match="a bad row"):
+            await rows[0]
+        with pytest.raises(ValueError, match="a bad row"):
+            await rows[1]
+        await settle()
+        model.release.set()
+        assert await asyncio.gather(*queued[1:]) == [[50], [60], [70]]
+        assert model.batches == [[-1, 2, 3], [5, 6, 7]]
+
+    asyncio.run(scenario())
 
 
 @pytest.mark.parametrize("argv,message", [

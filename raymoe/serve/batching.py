@@ -1,4 +1,5 @@
-"""Which rows of a batch can share one generate call.
+"""Which rows form a batch (BatchWhenFree), and which rows of a batch can share one
+generate call (plan_calls).
 
 Generation takes one sampling setting and one seed per call, and left-pads a call's
 prompts to the longest: rows share a call when they sample alike and, together, fit
@@ -9,7 +10,10 @@ its request only; sampled rows without one share a call with a fresh seed.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Sequence
+import asyncio
+import contextlib
+from collections import deque
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
 
@@ -61,3 +65,85 @@ def plan_calls(rows: Sequence[Row], seq_len: int) -> list[Call]:
             calls.append(call)
         call.add(index, row)
     return calls
+
+
+RunBatch = Callable[[list[Row]], Awaitable[list[list[int]]]]
+"""Generates a batch's rows: each row's new tokens, in order."""
+
+Waiting = tuple[Row, "asyncio.Future[list[int]]"]
+"""A queued row and the future its request awaits."""
+
+
+class BatchWhenFree:
+    """Batches rows for one model that runs one batch at a time: once the model is free and
+    a row waits, the batch fills for at most ``wait_s`` (at once when ``max_rows`` wait) and
+    takes every row queued by then, those that came while the previous batch ran included.
+    (Waiting after a busy batch too, as Serve does, lets the clients it answered send
+    their next rows in time to join, where they do so within ``wait_s``.)
+
+    Written here rather than taken from Serve: ``@serve.batch`` (Ray 2.60) forms each batch
+    ``wait_s`` after its first row even while the previous batch still runs, and queues the
+    batches behind one another, so under load its batches stay as small as the rows of one
+    wait (bench/serve.py, 32 clients: 2 to 2.6 rows a batch with it, 16 with this; docs/serve.md).
+    """
+
+    def __init__(self, run: RunBatch, max_rows: int, wait_s: float):
+        self.run, self.max_rows, self.wait_s = run, max_rows, wait_s
+        self.queue: deque[Waiting] = deque()
+        self.arrived = asyncio.Event()
+        self.worker: asyncio.Task[None] | None = None
+
+    async def submit(self, row: Row) -> list[int]:
+        """The row's new tokens, once the batch it joins has run."""
+        future: asyncio.Future[list[int]] = asyncio.get_running_loop().create_future()
+        self.queue.append((row, future))
+        self.arrived.set()
+        if self.worker is None or self.worker.done():
+            self.worker = asyncio.create_task(self._batches())
+        return await future
+
+    async def _batches(self) -> None:
+        while True:
+            if not self.queue:
+                self.arrived.clear()
+                await self.arrived.wait()
+            await self._fill()
+            batch = self._take()
+            if batch:
+                await self._run(batch)
+
+    async def _fill(self) -> None:
+        """Wait for more rows, at most ``wait_s`` or until ``max_rows`` queue."""
+        deadline = asyncio.get_running_loop().time() + self.wait_s
+        while len(self.queue) < self.max_rows:
+            self.arrived.clear()
+            left = deadline - asyncio.get_running_loop().time()
+            if left <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.arrived.wait(), left)
+
+    def _take(self) -> list[Waiting]:
+        """Up to ``max_rows`` queued rows whose requests still wait (a cancelled one is dropped)."""
+        batch: list[Waiting] = []
+        while self.queue and len(batch) < self.max_rows:
+            row, future = self.queue.popleft()
+            if not future.done():
+                batch.append((row, future))
+        return batch
+
+    async def _run(self, batch: list[Waiting]) -> None:
+        try:
+            outputs = await self.run([row for row, _ in batch])
+        except Exception as err:  # noqa: BLE001 - the batch's requests get the error
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(err)
+            return
+        except BaseException:  # cancelled (the replica stops): so are its requests
+            for _, future in batch:
+                future.cancel()
+            raise
+        for (_, future), tokens in zip(batch, outputs, strict=True):
+            if not future.done():
+                future.set_result(tokens)

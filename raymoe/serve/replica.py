@@ -1,6 +1,7 @@
 """The model's Serve deployment: each replica holds one inference group (``ep`` Ray
 actors, raymoe.infer.group) and answers rows of tokens. Concurrent rows are batched
-(``serve.batch``) into as few generate calls as their sampling allows (batching.py).
+when the group is free (``BatchWhenFree``) into as few generate calls as their sampling
+allows (batching.py).
 
 A call that does not come back within the timeout, or whose group lost an actor, fails
 with ModelUnavailable and leaves the replica unhealthy: its health check then fails and
@@ -19,7 +20,7 @@ from ray import serve
 
 from raymoe.infer.group import GroupOptions, InferenceGroups
 from raymoe.model.generation import Sampling
-from raymoe.serve.batching import Call, Row, plan_calls
+from raymoe.serve.batching import BatchWhenFree, Call, Row, plan_calls
 
 
 class ModelUnavailable(RuntimeError):
@@ -51,13 +52,14 @@ class GroupReplica:
         self.seq_len, self.timeout_s = seq_len, timeout_s
         self.counters = Counters()
         self.broken: str | None = None
-        batched: Any = self.generate  # serve.batch's setters, which its type does not show
-        batched.set_max_batch_size(batching.max_batch_size)
-        batched.set_batch_wait_timeout_s(batching.wait_s)
+        self.batcher = BatchWhenFree(self._generate_batch, batching.max_batch_size, batching.wait_s)
 
-    @serve.batch
-    async def generate(self, rows: list[Row]) -> list[list[int]]:
-        """Each row's new tokens (the end-of-text token last when it came)."""
+    async def generate(self, row: Row) -> list[int]:
+        """The row's new tokens (the end-of-text token last when it came), generated with
+        the rows that arrive with it."""
+        return await self.batcher.submit(row)
+
+    async def _generate_batch(self, rows: list[Row]) -> list[list[int]]:
         self.counters.rows += len(rows)
         self.counters.batches += 1
         out: list[list[int]] = [[] for _ in rows]

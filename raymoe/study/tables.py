@@ -165,7 +165,8 @@ def _matches_none(rows: list[ModelRow], moe: ModelRow) -> str:
     dense = [r.val_loss for r in rows if not r.is_moe and r.trials]
     if not dense:
         return "none in the study"
-    return "none (better than every dense model)" if min(dense) > moe.val_loss else "none (worse than every dense model)"
+    than = "better" if min(dense) > moe.val_loss else "worse"
+    return f"none ({than} than every dense model)"
 
 
 def table2(rows: list[ModelRow], fit: LossFit | None) -> str:
