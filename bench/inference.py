@@ -8,7 +8,7 @@ reference).
 
 A rank stands for one device: every actor gets --cpus-per-rank CPUs and as many threads,
 so that EP N computes on N times the resources of EP 1 (a dense model runs on one rank).
-Batches of 1, 8 and 64 random prompts generate --new-tokens tokens each (no early stop);
+Batches of 1, 8, 32 and 64 random prompts generate --new-tokens tokens each (no early stop);
 scoring is the log-likelihood of --score-pairs random (context, continuation) pairs of
 --score-len tokens, --score-batch rows per forward on each rank (thousands of tokens per
 forward). Every configuration's group is held for the whole run, and each figure is the
@@ -17,7 +17,9 @@ batch) and one per model for scoring; how much 2 processes gain over one on this
 at the start and at the end (other work on a shared machine lowers it, and EP2/EP1 with
 it); then the ratios of tokens/s: MoE / dense-5x and MoE / dense-base per batch size and for
 scoring (above 1: the MoE model is faster), and MoE at EP N / EP 1 (above 1: the group is
-faster than one rank). The models are randomly initialised (speed does not depend on the
+faster than one rank); last, what bounds EP 2 at batch 64 here: one rank's step at 32 rows
+plus the exchanges of a token step, each at least a gloo all_to_all's latency between 2
+Ray actors (measured before the groups start). The models are randomly initialised (speed does not depend on the
 weights) and byte-level, so that the output layer stays small beside the feed-forward
 layers.
 """
@@ -42,17 +44,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 from raymoe.config import Config, load_config  # noqa: E402
 from raymoe.eval.scoring import TokenPair  # noqa: E402
 from raymoe.infer.group import GroupOptions, InferenceGroups  # noqa: E402
+from raymoe.local_cluster import free_port  # noqa: E402
 from raymoe.model import GPT  # noqa: E402
 from raymoe.model.generation import Sampling  # noqa: E402
 from raymoe.parallel.checkpoint import save_checkpoint  # noqa: E402
 from raymoe.parallel.mesh import Mesh  # noqa: E402
 from raymoe.runs import step_directory  # noqa: E402
 
-BATCHES = (1, 8, 64)
+BATCHES = (1, 8, 32, 64)
 EP_SIZES = (1, 2, 4)
 SCORING = "scoring"
 """The key of the scoring figure among a model's (the others are batch sizes)."""
@@ -154,6 +158,42 @@ def parallel_headroom(processes: int, seconds: float = 1.0) -> float:
     return throughput(processes) / throughput(1)
 
 
+class ExchangeProbe:
+    """One of 2 Ray actors timing gloo all_to_alls between them, as a group's ranks run."""
+
+    def __init__(self, rank: int, threads: int):
+        torch.set_num_threads(threads)
+        self.rank = rank
+
+    def join(self, port: int) -> None:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=self.rank, world_size=2)
+
+    def seconds_per_call(self, rows: int, d_model: int, calls: int) -> float:
+        x = torch.randn(rows, d_model)
+        out = torch.empty_like(x)
+        for _ in range(calls // 10):  # warm-up
+            dist.all_to_all_single(out, x)
+        start = time.perf_counter()
+        for _ in range(calls):
+            dist.all_to_all_single(out, x)
+        seconds = (time.perf_counter() - start) / calls
+        dist.destroy_process_group()
+        return seconds
+
+
+def exchange_latency(rows: int, d_model: int, cpus_per_rank: int, calls: int = 300) -> float:
+    """Seconds per gloo all_to_all of ``rows`` rows between 2 Ray actors of the inference
+    groups' size, back to back: what each of an EP 2 group's exchanges costs at least here."""
+    probe = ray.remote(num_cpus=cpus_per_rank)(ExchangeProbe)
+    ranks = [probe.remote(rank, cpus_per_rank) for rank in range(2)]
+    port = free_port()
+    ray.get([rank.join.remote(port) for rank in ranks])
+    seconds = ray.get([rank.seconds_per_call.remote(rows, d_model, calls) for rank in ranks])[0]
+    for rank in ranks:
+        ray.kill(rank)
+    return seconds
+
+
 def headroom_line(when: str) -> str:
     return (f"parallel headroom {when}: 2 single-thread processes do {parallel_headroom(2):.2f}x "
             "the work of one (2.00 on 2 free cores; the bound of EP2/EP1)")
@@ -199,6 +239,21 @@ def print_ratios(results: dict[str, dict[int | str, float]]) -> None:
         print(ratio_line(f"{what} moe", {f"EP{ep}/EP1": moe[ep] / moe[1] for ep in EP_SIZES[1:]}))
 
 
+def decode_bound_line(results: dict[str, dict[int | str, float]], latency: float, moe_layers: int) -> str:
+    """What bounds EP 2 at batch 64 here: each rank computes 32 rows, as one rank does at
+    batch 32, and adds its exchanges (3 per MoE layer a token step: counts, tokens out,
+    results back), each at least the measured latency."""
+    def step_ms(label: str, batch: int) -> float:
+        return 1e3 * batch / results[label][batch]
+
+    half, whole, measured = step_ms("moe@ep1", 32), step_ms("moe@ep1", 64), step_ms("moe@ep2", 64)
+    exchanges = 3 * moe_layers
+    return (f"batch  64 moe@ep2, its bound: EP1's step at 32 rows {half:.2f} ms + {exchanges} exchanges x "
+            f"{latency * 1e3:.2f} ms (gloo all_to_all of 32 rows between 2 Ray actors, measured) = "
+            f"{half + exchanges * latency * 1e3:.2f} ms, against EP1's step at 64 rows {whole:.2f} ms "
+            f"(EP2's measured step: {measured:.2f} ms)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpus-per-rank", type=int, default=1)
@@ -219,6 +274,7 @@ def main() -> None:
     print(headroom_line("before"), flush=True)
     ray.init(num_cpus=(sum(EP_SIZES) + 2) * args.cpus_per_rank, include_dashboard=False,
              log_to_driver=False, _temp_dir=str(root / "ray"))
+    latency = exchange_latency(32, args.d_model, args.cpus_per_rank)
     with contextlib.ExitStack() as stack:
         groups, params = open_groups(stack, shapes, args, root)
         results = measure(groups, args)
@@ -226,6 +282,7 @@ def main() -> None:
     ray.shutdown()
     print(headroom_line("after"))
     print_ratios(results)
+    print(decode_bound_line(results, latency, args.layers // 2))  # bench_config: every other layer
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import raymoe.model.moe as moe
 from raymoe.config import ModelConfig, MoEConfig
 from raymoe.model.gpt import MLP
 from raymoe.model.moe import MoELayer
@@ -132,6 +133,24 @@ def test_expert_gradients_equal_plain_autograd_and_accumulate():
     for ours, ref in zip(params, plain, strict=False):
         assert torch.allclose(ours.grad, 2 * ref.grad, atol=1e-5)
     assert torch.allclose(x.grad, 2 * x_plain.grad, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [None, [3, 0, 0, 5, 0, 0, 0, 0, 1, 0, 0], [2, 1, 4, 5, 3, 1, 2, 5, 1, 4, 2]])
+def test_experts_without_gradients_equal_the_training_path_and_read_only_touched_experts(rows, monkeypatch):
+    torch.manual_seed(1)
+    experts = make_layer(d=8, f=16, num_experts=11).experts
+    x = torch.randn(11, 5, 8)
+    training = experts(x.requires_grad_()).detach()  # _ExpertFFN, every row
+    ran: list[int] = []
+    ffn = moe._ffn
+    monkeypatch.setattr(moe, "_ffn", lambda x, w_in, *rest: ran.append(w_in.shape[0]) or ffn(x, w_in, *rest))
+    with torch.no_grad():
+        inference = experts(x.detach(), rows)
+    real = [(e, n) for e, n in enumerate(rows)] if rows is not None else [(e, 5) for e in range(11)]
+    for e, n in real:
+        torch.testing.assert_close(inference[e, :n], training[e, :n], rtol=1e-6, atol=1e-6)
+    # 3 of 11 experts touched: each alone, on its rows; else one product over all 11
+    assert ran == ([1, 1, 1] if rows is not None and rows.count(0) > 5 else [11])
 
 
 @pytest.mark.parametrize("top_k", [1, 2])

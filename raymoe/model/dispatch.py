@@ -56,8 +56,9 @@ class LocalExchange:
         return counts.view(1, -1)
 
 
-ExpertsFn = Callable[[Tensor], Tensor]
-"""The local experts: (E_local, C, d) -> (E_local, C, d)."""
+ExpertsFn = Callable[[Tensor, "list[int] | None"], Tensor]
+"""The local experts: (E_local, C, d) -> (E_local, C, d), given each expert's real rows
+(the first of its C; the rest are padding whose outputs go unused) where the host knows them."""
 
 
 class _Combine(torch.autograd.Function):
@@ -98,7 +99,7 @@ def dispatch_fixed(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange, e
     arrived = exchange.all_to_all(send_buffer[:rows], split, split)  # (source, expert, slot)
     buffer_ECD = arrived.view(ep, local_experts, capacity, d).transpose(0, 1).reshape(
         local_experts, ep * capacity, d)
-    out_ECD = experts(buffer_ECD)
+    out_ECD = experts(buffer_ECD, None)
     back = out_ECD.view(local_experts, ep, capacity, d).transpose(0, 1).reshape(rows, d)
     returned = exchange.all_to_all(back, split, split)  # (global expert, slot), as sent
     # A dropped assignment reads any real row: its combine weight is exactly 0.
@@ -132,7 +133,7 @@ def dispatch_variable(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange
     buffer = arrived.new_zeros(local_experts * sizes.capacity, d)
     buffer.index_put_((row,), arrived)
     del arrived
-    results = experts(buffer.view(local_experts, sizes.capacity, d))
+    results = experts(buffer.view(local_experts, sizes.capacity, d), sizes.per_expert)
     results = results.reshape(-1, d).index_select(0, row)
     out = exchange.all_to_all(results, sizes.recv, sizes.send)
     return _Combine.apply(out, weight.index_select(0, order), token_index, tokens.shape[0]), sizes.capacity
@@ -151,7 +152,9 @@ class _HostSizes:
         """Rows to each rank of the group."""
         self.recv = [sum(per_expert) for per_expert in received]
         """Rows from each rank of the group."""
-        self.capacity = max(max(sum(col) for col in zip(*received, strict=True)), 1)
+        self.per_expert = [sum(col) for col in zip(*received, strict=True)]
+        """Rows each local expert gets."""
+        self.capacity = max(max(self.per_expert), 1)
         """The largest number of rows any local expert gets."""
 
 
