@@ -1,5 +1,5 @@
 """`raymoe serve`, batched against unbatched: requests/s and p50/p99 latency at 1, 8 and 32
-concurrent HTTP clients, on the same application with serve.batch on (--max-batch-size)
+concurrent HTTP clients, on the same application with batching on (--max-batch-size)
 and off (a batch of 1).
 
     python bench/serve.py [CHECKPOINT] [--requests 96] [--max-tokens 32] [--ep 1] [--cpus-per-rank 1]
