@@ -116,6 +116,23 @@ def test_a_batch_takes_every_row_that_queued_while_the_model_was_busy():
     asyncio.run(scenario())
 
 
+def test_a_stopped_batcher_leaves_no_request_waiting():
+    async def scenario() -> None:
+        model = HeldModel()
+        batcher = BatchWhenFree(model.run, max_rows=1, wait_s=0.0)
+        running, queued = (asyncio.ensure_future(batcher.submit(Row((i,), 4))) for i in (1, 2))
+        await settle()
+        assert model.batches == [[1]]
+        assert batcher.worker is not None
+        batcher.worker.cancel()  # as when the replica stops
+        await settle()
+        assert running.cancelled() and queued.cancelled()
+
+    asyncio.run(scenario())
+    with pytest.raises(ValueError, match="max_rows=0: expected at least 1"):
+        BatchWhenFree(HeldModel().run, max_rows=0, wait_s=0.0)
+
+
 def test_rows_answered_by_a_batch_can_join_the_next_within_the_wait():
     async def scenario() -> None:
         model = HeldModel()

@@ -105,7 +105,8 @@ class Experts(nn.Module):
 
     def forward(self, x: Tensor, rows: list[int] | None = None) -> Tensor:
         """(E_local, C, d) -> (E_local, C, d); ``rows``: each expert's real rows (the first
-        of its C), where known. With gradients, batched products over EXPERT_CHUNKS chunks
+        of its C), where known: then the other rows' outputs are left unset (a caller reads
+        only real rows). With gradients, batched products over EXPERT_CHUNKS chunks
         (_ExpertFFN); without (evaluation, inference), see _experts_no_grad."""
         params = (self.w_in, self.bias_in, self.w_out, self.bias_out)
         if torch.is_grad_enabled() and (x.requires_grad or self.w_in.requires_grad):
@@ -114,8 +115,9 @@ class Experts(nn.Module):
 
 
 NO_GRAD_CHUNK_BYTES = 64 * 2**20
-"""Without gradients, the experts run in chunks whose [experts, C, ffn] intermediate is at
-most this large (one chunk at decoding's sizes)."""
+"""Without gradients, the experts run in chunks whose transient tensors (the [experts, C,
+ffn] pre-activation and activation, and the weights cast to the compute dtype) are at most
+this large."""
 
 
 @torch.no_grad()
@@ -142,7 +144,8 @@ def _experts_no_grad(x: Tensor, rows: list[int] | None, w_in: Tensor, b_in: Tens
                 part, n = slice(e, e + 1), rows[e]  # type: ignore[index]
                 _ffn(x[part, :n], w_in[part], b_in[part], w_out[part], b_out[part], dtype, y[part, :n])
             return y
-        per_expert = max(x.shape[1] * w_in.shape[2] * x.element_size(), 1)
+        d, ffn, size = x.shape[2], w_in.shape[2], x.element_size()
+        per_expert = 2 * x.shape[1] * ffn * size + (2 * d * ffn * size if w_in.dtype != dtype else 0)
         step = max(NO_GRAD_CHUNK_BYTES // per_expert, 1)
         for first in range(0, x.shape[0], step):
             part = slice(first, first + step)

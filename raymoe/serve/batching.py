@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +89,8 @@ class BatchWhenFree:
     """
 
     def __init__(self, run: RunBatch, max_rows: int, wait_s: float):
+        if max_rows < 1:
+            raise ValueError(f"max_rows={max_rows}: expected at least 1")
         self.run, self.max_rows, self.wait_s = run, max_rows, wait_s
         self.queue: deque[Waiting] = deque()
         self.arrived = asyncio.Event()
@@ -99,18 +102,23 @@ class BatchWhenFree:
         self.queue.append((row, future))
         self.arrived.set()
         if self.worker is None or self.worker.done():
-            self.worker = asyncio.create_task(self._batches())
+            # A context of its own: not the first request's (Serve's request id, for one).
+            self.worker = asyncio.create_task(self._batches(), context=contextvars.Context())
         return await future
 
     async def _batches(self) -> None:
-        while True:
-            if not self.queue:
-                self.arrived.clear()
-                await self.arrived.wait()
-            await self._fill()
-            batch = self._take()
-            if batch:
-                await self._run(batch)
+        try:
+            while True:
+                if not self.queue:
+                    self.arrived.clear()
+                    await self.arrived.wait()
+                await self._fill()
+                batch = self._take()
+                if batch:
+                    await self._run(batch)
+        finally:  # stopped (cancelled with the replica): no request is left waiting
+            while self.queue:
+                self.queue.popleft()[1].cancel()
 
     async def _fill(self) -> None:
         """Wait for more rows, at most ``wait_s`` or until ``max_rows`` queue."""
@@ -135,15 +143,14 @@ class BatchWhenFree:
     async def _run(self, batch: list[Waiting]) -> None:
         try:
             outputs = await self.run([row for row, _ in batch])
+            for (_, future), tokens in zip(batch, outputs, strict=True):
+                if not future.done():
+                    future.set_result(tokens)
         except Exception as err:  # noqa: BLE001 - the batch's requests get the error
             for _, future in batch:
                 if not future.done():
                     future.set_exception(err)
-            return
         except BaseException:  # cancelled (the replica stops): so are its requests
             for _, future in batch:
                 future.cancel()
             raise
-        for (_, future), tokens in zip(batch, outputs, strict=True):
-            if not future.done():
-                future.set_result(tokens)
