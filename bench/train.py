@@ -39,8 +39,10 @@ from raymoe.runs import read_metrics  # noqa: E402
 from raymoe.train.launcher import train_on_ray  # noqa: E402
 
 
-def wall_tokens_per_s(metrics: Path, skip: int = 9) -> float:
-    lines = [r for r in read_metrics(str(metrics)) if "lm_loss" in r and r["step"] > skip]
+def wall_tokens_per_s(metrics: Path, skip: int = 9, until: int | None = None) -> float:
+    """Tokens/s of wall time between the records of steps (skip, until]."""
+    lines = [r for r in read_metrics(str(metrics))
+             if "lm_loss" in r and r["step"] > skip and (until is None or r["step"] <= until)]
     first, last = lines[0], lines[-1]
     return (last["tokens"] - first["tokens"]) / (last["time"] - first["time"])
 
