@@ -53,6 +53,7 @@ from raymoe.local_cluster import free_port  # noqa: E402
 from raymoe.model import GPT  # noqa: E402
 from raymoe.model.generation import Sampling  # noqa: E402
 from raymoe.parallel.checkpoint import save_checkpoint  # noqa: E402
+from raymoe.parallel.exchange import ProcessGroupExchange  # noqa: E402
 from raymoe.parallel.mesh import Mesh  # noqa: E402
 from raymoe.runs import step_directory  # noqa: E402
 
@@ -159,7 +160,8 @@ def parallel_headroom(processes: int, seconds: float = 1.0) -> float:
 
 
 class ExchangeProbe:
-    """One of 2 Ray actors timing gloo all_to_alls between them, as a group's ranks run."""
+    """One of 2 Ray actors timing the expert exchange's all_to_all (ProcessGroupExchange,
+    what a group's ranks call) between them over gloo."""
 
     def __init__(self, rank: int, threads: int):
         torch.set_num_threads(threads)
@@ -169,13 +171,14 @@ class ExchangeProbe:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=self.rank, world_size=2)
 
     def seconds_per_call(self, rows: int, d_model: int, calls: int) -> float:
-        x = torch.randn(rows, d_model)
-        out = torch.empty_like(x)
+        assert dist.group.WORLD is not None, "join first"
+        exchange = ProcessGroupExchange(dist.group.WORLD, 2, self.rank)
+        x, split = torch.randn(rows, d_model), [rows // 2] * 2
         for _ in range(calls // 10):  # warm-up
-            dist.all_to_all_single(out, x)
+            exchange.exchange_rows(x, split, split)
         start = time.perf_counter()
         for _ in range(calls):
-            dist.all_to_all_single(out, x)
+            exchange.exchange_rows(x, split, split)
         seconds = (time.perf_counter() - start) / calls
         dist.destroy_process_group()
         return seconds

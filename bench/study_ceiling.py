@@ -75,8 +75,10 @@ def validation_loss(model: GPT, val: torch.Tensor) -> float:
     return float(np.mean(losses))
 
 
-def train(cfg: Config, data: torch.Tensor, val: torch.Tensor, steps: int, every: int) -> tuple[list[float], str]:
-    """Validation losses at every ``every`` steps and the end; a note on dropping."""
+def train(cfg: Config, data: torch.Tensor, val: torch.Tensor, steps: int,
+          every: int) -> tuple[list[float], str, int]:
+    """Validation losses at every ``every`` steps and the end; a note on dropping; the
+    model's parameter count."""
     torch.manual_seed(cfg.train.seed)
     model = GPT(cfg.model)
     optimizer = build_optimizer(model, cfg.optim)
@@ -91,7 +93,7 @@ def train(cfg: Config, data: torch.Tensor, val: torch.Tensor, steps: int, every:
             curve.append(validation_loss(model, val))
     after = dropped[steps // 20:]
     note = f", dropped after 5%: mean {np.mean(after):.2f}, max {max(after):.2f}" if model.moe_layers else ""
-    return curve, note
+    return curve, note, model.num_parameters()
 
 
 def main() -> None:
@@ -112,9 +114,9 @@ def main() -> None:
         cfg = study_config(study_model, [f"train.total_tokens={args.steps * BATCH * 128}", f"optim.lr={LR}",
                                          *overrides])
         start = time.perf_counter()
-        curve, note = train(cfg, data, val, args.steps, args.every)
+        curve, note, params = train(cfg, data, val, args.steps, args.every)
         finals[name] = curve[-1]
-        print(f"{name}: {GPT(cfg.model).num_parameters() / 1e6:.2f}M parameters, validation loss "
+        print(f"{name}: {params / 1e6:.2f}M parameters, validation loss "
               f"{' '.join(f'{v:.4f}' for v in curve)}{note} ({time.perf_counter() - start:.0f} s)", flush=True)
     if "dense-1x" in finals:
         for name, loss in finals.items():
