@@ -18,8 +18,9 @@ at the start and at the end (other work on a shared machine lowers it, and EP2/E
 it); then the ratios of tokens/s: MoE / dense-5x and MoE / dense-base per batch size and for
 scoring (above 1: the MoE model is faster), and MoE at EP N / EP 1 (above 1: the group is
 faster than one rank); last, what bounds EP 2 at batch 64 here: one rank's step at 32 rows
-plus the exchanges of a token step, each at least a gloo all_to_all's latency between 2
-Ray actors (measured before the groups start). The models are randomly initialised (speed does not depend on the
+plus the exchanges of a token step, each at least a block exchange's latency between 2
+Ray actors through shared memory, as the groups exchange on one host (measured before the
+groups start, with gloo's beside it). The models are randomly initialised (speed does not depend on the
 weights) and byte-level, so that the output layer stays small beside the feed-forward
 layers.
 """
@@ -51,10 +52,12 @@ from raymoe.eval.scoring import TokenPair  # noqa: E402
 from raymoe.infer.group import GroupOptions, InferenceGroups  # noqa: E402
 from raymoe.local_cluster import free_port  # noqa: E402
 from raymoe.model import GPT  # noqa: E402
+from raymoe.model.dispatch import block_exchange_bytes  # noqa: E402
 from raymoe.model.generation import Sampling  # noqa: E402
 from raymoe.parallel.checkpoint import save_checkpoint  # noqa: E402
 from raymoe.parallel.exchange import ProcessGroupExchange  # noqa: E402
 from raymoe.parallel.mesh import Mesh  # noqa: E402
+from raymoe.parallel.shared_memory import SharedMemoryAllToAll  # noqa: E402
 from raymoe.runs import step_directory  # noqa: E402
 
 BATCHES = (1, 8, 32, 64)
@@ -160,8 +163,8 @@ def parallel_headroom(processes: int, seconds: float = 1.0) -> float:
 
 
 class ExchangeProbe:
-    """One of 2 Ray actors timing the expert exchange's all_to_all (ProcessGroupExchange,
-    what a group's ranks call) between them over gloo."""
+    """One of 2 Ray actors timing a decode step's block exchange (ProcessGroupExchange's,
+    what a group's ranks call) between them: over gloo, and through shared memory."""
 
     def __init__(self, rank: int, threads: int):
         torch.set_num_threads(threads)
@@ -170,23 +173,27 @@ class ExchangeProbe:
     def join(self, port: int) -> None:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=self.rank, world_size=2)
 
-    def seconds_per_call(self, rows: int, d_model: int, calls: int) -> float:
+    def seconds_per_call(self, rows: int, d_model: int, calls: int) -> dict[str, float]:
         assert dist.group.WORLD is not None, "join first"
         exchange = ProcessGroupExchange(dist.group.WORLD, 2, self.rank)
-        x, split = torch.randn(rows, d_model), [rows // 2] * 2
-        for _ in range(calls // 10):  # warm-up
-            exchange.exchange_rows(x, split, split)
-        start = time.perf_counter()
-        for _ in range(calls):
-            exchange.exchange_rows(x, split, split)
-        seconds = (time.perf_counter() - start) / calls
+        blocks = torch.zeros(block_exchange_bytes(2, rows // 2, d_model, 4), dtype=torch.uint8)
+        seconds = {}
+        for way, shared in (("gloo", None), ("shared memory", SharedMemoryAllToAll.connect(dist.group.WORLD))):
+            exchange.shared = shared
+            for _ in range(calls // 10):  # warm-up
+                exchange.exchange_blocks(blocks)
+            start = time.perf_counter()
+            for _ in range(calls):
+                exchange.exchange_blocks(blocks)
+            seconds[way] = (time.perf_counter() - start) / calls
         dist.destroy_process_group()
         return seconds
 
 
-def exchange_latency(rows: int, d_model: int, cpus_per_rank: int, calls: int = 300) -> float:
-    """Seconds per gloo all_to_all of ``rows`` rows between 2 Ray actors of the inference
-    groups' size, back to back: what each of an EP 2 group's exchanges costs at least here."""
+def exchange_latency(rows: int, d_model: int, cpus_per_rank: int, calls: int = 300) -> dict[str, float]:
+    """Seconds per block exchange of ``rows`` rows (half from each) between 2 Ray actors of
+    the inference groups' size, back to back, over gloo and through shared memory (what the
+    groups use on one host): what each of an EP 2 group's exchanges costs at least here."""
     probe = ray.remote(num_cpus=cpus_per_rank)(ExchangeProbe)
     ranks = [probe.remote(rank, cpus_per_rank) for rank in range(2)]
     port = free_port()
@@ -242,19 +249,20 @@ def print_ratios(results: dict[str, dict[int | str, float]]) -> None:
         print(ratio_line(f"{what} moe", {f"EP{ep}/EP1": moe[ep] / moe[1] for ep in EP_SIZES[1:]}))
 
 
-def decode_bound_line(results: dict[str, dict[int | str, float]], latency: float, moe_layers: int) -> str:
+def decode_bound_line(results: dict[str, dict[int | str, float]], latency: dict[str, float],
+                      moe_layers: int) -> str:
     """What bounds EP 2 at batch 64 here: each rank computes 32 rows, as one rank does at
-    batch 32, and adds its exchanges (3 per MoE layer a token step: counts, tokens out,
-    results back), each at least the measured latency."""
+    batch 32, and adds its exchanges (2 per MoE layer a token step once the group agreed
+    its block size: tokens out, results back), each at least the measured latency."""
     def step_ms(label: str, batch: int) -> float:
         return 1e3 * batch / results[label][batch]
 
     half, whole, measured = step_ms("moe@ep1", 32), step_ms("moe@ep1", 64), step_ms("moe@ep2", 64)
-    exchanges = 3 * moe_layers
+    exchanges, shared = 2 * moe_layers, latency["shared memory"] * 1e3
     return (f"batch  64 moe@ep2, its bound: EP1's step at 32 rows {half:.2f} ms + {exchanges} exchanges x "
-            f"{latency * 1e3:.2f} ms (gloo all_to_all of 32 rows between 2 Ray actors, measured) = "
-            f"{half + exchanges * latency * 1e3:.2f} ms, against EP1's step at 64 rows {whole:.2f} ms "
-            f"(EP2's measured step: {measured:.2f} ms)")
+            f"{shared:.3f} ms (a block exchange of 64 rows between 2 Ray actors through shared memory, "
+            f"measured; over gloo {latency['gloo'] * 1e3:.3f} ms) = {half + exchanges * shared:.2f} ms, "
+            f"against EP1's step at 64 rows {whole:.2f} ms (EP2's measured step: {measured:.2f} ms)")
 
 
 def main() -> None:
@@ -277,7 +285,7 @@ def main() -> None:
     print(headroom_line("before"), flush=True)
     ray.init(num_cpus=(sum(EP_SIZES) + 2) * args.cpus_per_rank, include_dashboard=False,
              log_to_driver=False, _temp_dir=str(root / "ray"))
-    latency = exchange_latency(32, args.d_model, args.cpus_per_rank)
+    latency = exchange_latency(64, args.d_model, args.cpus_per_rank)
     with contextlib.ExitStack() as stack:
         groups, params = open_groups(stack, shapes, args, root)
         results = measure(groups, args)

@@ -7,19 +7,24 @@ without exchanging its rows again: the same exchanges per micro-batch, the same 
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from unittest import mock
 
 import pytest
 import torch
+import torch.distributed as dist
 from multiproc import run_distributed
 
 from raymoe.config import load_config
 from raymoe.host_syncs import count_host_syncs
 from raymoe.model import GPT, LocalExchange
+from raymoe.model.dispatch import GroupAgreement
 from raymoe.model.exchange_tape import keep_exchanges, taped
+from raymoe.model.moe import MoELayer
 from raymoe.parallel import Mesh, MeshLayout
 from raymoe.parallel.exchange import ProcessGroupExchange
+from raymoe.parallel.shared_memory import SharedMemoryAllToAll
 from raymoe.train.optim import build_optimizer
 from raymoe.train.step import train_step
 
@@ -197,6 +202,7 @@ class FlipExchange:
 
     def __init__(self):
         self.calls = 0
+        self.agreement = GroupAgreement()
 
     def all_to_all(self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
         self.calls += 1
@@ -254,3 +260,66 @@ def test_initialisation_does_not_depend_on_the_ep_size():
     for (name, a), (_, b) in zip(full.named_parameters(), sharded.named_parameters(), strict=False):
         expected = a[ids.start:ids.stop] if ".experts." in name else a
         assert torch.equal(expected, b), name
+
+
+BLOCK_SCHEDULE = [  # rank 0's tokens per forward, and every other rank's
+    (5, 3), (5, 3),  # counts first, then blocks of the size the first agreed
+    (9, 2),  # rank 0 overflows: headers only, then blocks of 9 x top-k
+    (1, 0), (0, 0),  # blocks shrink to what the last forward needed
+    (10_000, 1),  # past BLOCK_EXCHANGE_BYTES: headers only, then counts
+]
+BLOCK_D_MODEL = 32
+
+
+def block_exchange_worker(rank: int, world: int, top_k: int, dtype: torch.dtype, shared: bool) -> list[dict]:
+    """Per forward of BLOCK_SCHEDULE (no gradient, eval), on an MoE layer of EP ``world``:
+    the output against one process's layer on the same tokens, the exchanges made, and the
+    block size agreed after it. ``shared``: the small exchanges through shared memory."""
+    cfg = dataclasses.replace(load_config("tiny-moe8").model.moe, top_k=top_k, num_experts=8,
+                              noisy_gate_policy=None)
+    torch.manual_seed(0)
+    one_process = MoELayer(BLOCK_D_MODEL, 4 * BLOCK_D_MODEL, cfg).eval()
+    for p in one_process.parameters():
+        torch.nn.init.normal_(p, std=0.5)
+    exchange = ProcessGroupExchange(dist.group.WORLD, world, rank)
+    exchange.shared = SharedMemoryAllToAll.connect(dist.group.WORLD) if shared else None
+    layer = MoELayer(BLOCK_D_MODEL, 4 * BLOCK_D_MODEL, cfg, exchange).eval()
+    experts = slice(rank * layer.num_local_experts, (rank + 1) * layer.num_local_experts)
+    with torch.no_grad():
+        layer.router.weight.copy_(one_process.router.weight)
+        for name, p in layer.experts.named_parameters():
+            p.copy_(getattr(one_process.experts, name)[experts])
+    calls: Counter = Counter()
+    results = []
+    with (counting(calls, "exchange_rows"), counting(calls, "exchange_counts"),
+          counting(calls, "exchange_blocks"), torch.no_grad(),
+          torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)):
+        for step, planned in enumerate(BLOCK_SCHEDULE):
+            tokens = planned[min(rank, 1)]
+            x = torch.randn(tokens, BLOCK_D_MODEL, generator=torch.Generator().manual_seed(100 * step + rank))
+            calls.clear()
+            got = layer(x)[0]
+            results.append({"error": (got - one_process(x)[0]).abs().max().item() if tokens else 0.0,
+                            "exchanges": dict(calls), "block_rows": exchange.agreement.block_rows})
+    return results
+
+
+@pytest.mark.parametrize("world, top_k, dtype, shared", [
+    (2, 1, torch.float32, False), (4, 2, torch.float32, False), (2, 1, torch.bfloat16, False),
+    (4, 2, torch.float32, True), (2, 1, torch.bfloat16, True)])
+def test_block_exchange_equals_one_process_and_saves_the_count_exchange(tmp_path, world, top_k, dtype, shared):
+    results = run_distributed(block_exchange_worker, world, tmp_path, top_k, dtype, shared)
+    counted, blocks = {"exchange_counts": 1, "exchange_rows": 2}, {"exchange_blocks": 2}
+    header_only = {"exchange_blocks": 1}
+    expected = [
+        (counted, 5 * top_k), (blocks, 5 * top_k),
+        ({"exchange_blocks": 3}, 9 * top_k),
+        (blocks, top_k), (blocks, 0),
+        ({**header_only, **counted}, None)]
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    for rank_results in results:
+        assert len(rank_results) == len(expected)
+        for step, (got, (exchanges, block_rows)) in enumerate(zip(rank_results, expected, strict=True)):
+            assert got["error"] < tolerance, (step, got)
+            assert got["exchanges"] == exchanges, step
+            assert got["block_rows"] == block_rows, step

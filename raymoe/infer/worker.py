@@ -5,9 +5,10 @@ A call's rows (prompts, scored pairs, examples) are split over the group's ranks
 contiguous blocks (raymoe.infer.group), as training splits its batch: each rank runs the
 model of one process on its own rows only, with its own KV cache, and its tokens reach
 the experts of the other ranks through the MoE layers' all-to-alls, training's exchange
-in eval mode. Inference drops no token, so the exchange is the variable-split one: each
-MoE layer exchanges its per-expert counts first and sizes its buffers from them, which
-lets ranks route different numbers of tokens, none included. What the ranks must share
+in eval mode. Inference drops no token, so the exchange is a variable one (counts first,
+or blocks sized by the group's previous forward: raymoe.model.dispatch), which lets ranks
+route different numbers of tokens, none included. A CPU group on one host exchanges
+through shared memory (raymoe.parallel.shared_memory), a tenth of gloo's latency. What the ranks must share
 is the sequence of collectives: ``Lockstep`` makes every rank run the same number of
 forwards, agreeing through the exchange itself. Each rank reads only its own experts'
 weights, which is what lets the group hold a model no single device can.
@@ -24,18 +25,19 @@ from typing import TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
 
 from raymoe.eval.harness import Chunk, EvalOptions, score_chunk
 from raymoe.eval.loading import LoadedModel, load_model
 from raymoe.eval.scoring import Score, ScoringModel, TokenPair
 from raymoe.eval.tasks import Example
+from raymoe.model.dispatch import GroupAgreement
 from raymoe.model.generation import Sampling, generate
 from raymoe.model.gpt import GPT
-from raymoe.model.moe import ExpertExchange
 from raymoe.model.precision import autocast
 from raymoe.model.resident import ResidentBytes, resident_bytes
+from raymoe.parallel.exchange import ProcessGroupExchange
 from raymoe.parallel.mesh import Mesh
+from raymoe.parallel.shared_memory import SharedMemoryAllToAll
 
 TIMEOUT = datetime.timedelta(minutes=10)
 """A rank that died leaves the others waiting in a collective for this long at most."""
@@ -48,71 +50,42 @@ class Lockstep:
 
     Ranks hold different rows, so one may run more forwards than another (more batches,
     later-finishing rows). Every forward already meets the other ranks' in each MoE
-    layer's count exchange; the first layer's also carries a flag from each rank, 1 while
-    it works. Once its own work is done, a rank runs rounds of each MoE layer on no tokens
-    (the exchanges of a forward, its only collectives, without its dense part), serving
-    its experts to the others' tokens, until a round in which no rank flagged work: the
-    one after every rank's last forward. Every rank thus runs the same number of forwards,
-    with no collective beyond the exchanges (one empty round per call). With one rank, or
-    no MoE layer, there is nothing to keep in step.
+    layer's exchanges, whose headers carry a flag from each rank (the group's
+    GroupAgreement): 1 while it works. Once its own work is done, a rank runs rounds of
+    each MoE layer on no tokens (the exchanges of a forward, its only collectives, without
+    its dense part), serving its experts to the others' tokens, until a round in which no
+    rank flagged work: the one after every rank's last forward. Every rank thus runs the
+    same number of forwards, with no collective beyond the exchanges (one empty round per
+    call). With one rank, or no MoE layer, there is nothing to keep in step.
     """
 
     def __init__(self, model: GPT, ranks: int):
         self.model = model
         layers = model.moe_layers
-        self.flagged: FlaggedExchange | None = None
-        if ranks > 1 and layers:
-            self.flagged = FlaggedExchange(layers[0].exchange)
-            layers[0].exchange = self.flagged
+        self.agreement = layers[0].exchange.agreement if ranks > 1 and layers else None
 
     def run(self, work: Callable[[], T]) -> T:
         """``work()`` on this rank's rows, returning once every rank's work is done; also
         when ``work`` fails before a forward (a bad prompt), so that the others finish."""
-        if self.flagged is None:
+        if self.agreement is None:
             return work()
-        self.flagged.working = True
+        self.agreement.flag = 1
         try:
             return work()
         finally:
-            self.flagged.working = False
-            self._wait_for_the_others(self.flagged)
+            self.agreement.flag = 0
+            self._wait_for_the_others(self.agreement)
 
     @torch.no_grad()
-    def _wait_for_the_others(self, flagged: FlaggedExchange) -> None:
+    def _wait_for_the_others(self, agreement: GroupAgreement) -> None:
         device = self.model.wte.weight.device
         no_tokens = torch.zeros(0, self.model.cfg.d_model, device=device)
         with autocast(device):  # the others' tokens arrive in the dtype of their autocast
             while True:
                 for layer in self.model.moe_layers:
                     layer(no_tokens)
-                if not flagged.anyone_working():
+                if not any(agreement.flags):
                     return
-
-
-class FlaggedExchange:
-    """An ExpertExchange whose count exchange also carries this rank's ``working`` flag to
-    every rank of the group (one more count per rank, in the same all-to-all)."""
-
-    def __init__(self, inner: ExpertExchange):
-        self.inner = inner
-        self.ep_size, self.ep_rank = inner.ep_size, inner.ep_rank
-        self.working = False
-        self.flags: Tensor | None = None
-        """Each rank's flag in the last count exchange."""
-
-    def all_to_all(self, x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
-        return self.inner.all_to_all(x, send_counts, recv_counts)
-
-    def exchange_counts(self, counts: Tensor) -> Tensor:
-        flag = counts.new_full((self.ep_size, 1), int(self.working))
-        received = self.inner.exchange_counts(torch.cat([counts.view(self.ep_size, -1), flag], dim=1).flatten())
-        self.flags = received[:, -1]
-        return received[:, :-1]
-
-    def anyone_working(self) -> bool:
-        """Whether any rank flagged work in the last count exchange (a host read)."""
-        assert self.flags is not None, "no count exchange yet"
-        return bool(self.flags.any())
 
 
 def rank_seed(seed: int, rank: int) -> int:
@@ -154,6 +127,9 @@ class InferenceWorker:
         dist.init_process_group(backend, rank=self.rank, world_size=self.world_size,
                                 timeout=TIMEOUT)
         self.loaded = load_model(checkpoint, device, tokenizer, Mesh(self.world_size))
+        exchange = self.loaded.model.moe_layers[0].exchange if self.loaded.model.moe_layers else None
+        if isinstance(exchange, ProcessGroupExchange) and backend == "gloo":
+            exchange.shared = SharedMemoryAllToAll.connect(exchange.group, timeout=TIMEOUT.total_seconds())
         self.lockstep = Lockstep(self.loaded.model, self.world_size)
         self.scoring = ScoringModel(self.loaded.model, self.loaded.tokenizer)
         return dataclasses.replace(resident_bytes(self.loaded.model), read=self.loaded.bytes_read)

@@ -1,6 +1,6 @@
 """Dispatch and combine: tokens to the experts of the expert-parallel group and back.
 
-Two ways, both index-based (never a [tokens, experts, capacity] tensor):
+Three ways, all index-based (never a [tokens, experts, capacity] tensor):
 
 - Fixed capacity, when tokens are dropped (DeepSpeed's and GShard's exchange). The gate
   has already given each kept token its (expert, slot) and the capacity C is a function of
@@ -10,9 +10,19 @@ Two ways, both index-based (never a [tokens, experts, capacity] tensor):
   only from the counts). Kept assignments are sorted by expert and sent as they are; the
   per-expert counts are exchanged and read on the host once, in one copy, to size the
   all-to-all and the expert buffer.
+- Blocks, without gradients (evaluation, decoding), when the group agreed on a block size
+  small enough: each rank sends every rank a block of that many rows, each with its local
+  expert's id in the row, after a header of the sender's token count and flag. No count
+  exchange comes first: 2 exchanges a layer instead of 3, which is what bounds decoding a
+  few tokens a step (each exchange costs a round trip, whatever its size). The size is
+  top-k x the most tokens any rank routed in the group's previous forward, so that a
+  rank's rows fit whatever their experts; when a rank has more, all ranks see it in the
+  headers and run the layer again at the new size (or with counts, past
+  BLOCK_EXCHANGE_BYTES). Decoding routes the same number of tokens every step, so only
+  the first step after a prompt pays for that.
 
 On a GPU a host read stalls the CPU until the device catches up; the fixed path has none,
-the variable one exactly one per layer forward. Either way the experts see an
+the variable and block ones exactly one per layer forward. Either way the experts see an
 [E_local, capacity, d] buffer, padded with zero rows, and each token's result comes back
 scaled by its combine weight. The fixed path requires every rank of an expert-parallel
 group to route the same number of tokens (training does: each rank runs micro_batch x
@@ -22,6 +32,7 @@ seq_len tokens), since each receiver assumes its peers' capacity equals its own.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
@@ -29,18 +40,59 @@ from torch import Tensor
 
 from raymoe.model.gating import GateOutput, count_per_expert, position_in_expert
 
+BLOCK_EXCHANGE_BYTES = 1 << 20
+"""The block exchange is used while a rank's blocks (to every rank of the group) take at
+most this many bytes: past it, padding every block to the largest rank's tokens costs
+more in bytes than the count exchange it saves in latency."""
+
+
+@dataclass
+class GroupAgreement:
+    """What the ranks of an expert-parallel group hear from each other in every exchange's
+    header (each rank's tokens and flag), and the block size they agree from it; one per
+    group, shared by its MoE layers, so the same on every rank."""
+
+    flag: int = 0
+    """This rank's flag, sent with every header (raymoe.infer.worker's Lockstep: working)."""
+    flags: list[int] = field(default_factory=list)
+    """Every rank's flag in the last header."""
+    block_rows: int | None = None
+    """Rows per destination of the next block exchange; None: exchange counts first."""
+
+    def heard(self, tokens: list[int], flags: list[int], top_k: int, d_model: int, itemsize: int) -> None:
+        """Every rank's tokens and flag, from one layer's headers."""
+        self.flags = flags
+        rows = top_k * max(tokens)
+        fits = block_exchange_bytes(len(tokens), rows, d_model, itemsize) <= BLOCK_EXCHANGE_BYTES
+        self.block_rows = rows if fits else None
+
+
+def block_exchange_bytes(ep: int, block_rows: int, d_model: int, itemsize: int) -> int:
+    """What a rank sends in one block exchange: to each rank a header row and ``block_rows``
+    rows, each of a token's values (padded to 4 bytes) and its local expert (int32)."""
+    return ep * (block_rows + 1) * _block_row_bytes(d_model, itemsize)
+
+
+def _block_row_bytes(d_model: int, itemsize: int) -> int:
+    return -(-d_model * itemsize // 4) * 4 + 4
+
 
 class ExpertExchange(Protocol):
     """How an MoE layer reaches the experts of its expert-parallel group."""
 
     ep_size: int
     ep_rank: int
+    agreement: GroupAgreement
 
     def all_to_all(self, x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
         """Differentiable: rows [sum(send_counts[:r]), ...) go to rank r of the group."""
 
     def exchange_counts(self, counts: Tensor) -> Tensor:
-        """(E,) routed counts per global expert -> (ep_size, E_local) received per source."""
+        """(ep_size x n,) integers, n for each rank -> (ep_size, n) received per source."""
+
+    def exchange_blocks(self, blocks: Tensor) -> Tensor:
+        """Not differentiable: an equal share of ``blocks``' rows to each rank, in order;
+        the shares from each rank come back in rank order."""
 
 
 class LocalExchange:
@@ -49,11 +101,17 @@ class LocalExchange:
     ep_size = 1
     ep_rank = 0
 
+    def __init__(self) -> None:
+        self.agreement = GroupAgreement()
+
     def all_to_all(self, x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
         return x
 
     def exchange_counts(self, counts: Tensor) -> Tensor:
         return counts.view(1, -1)
+
+    def exchange_blocks(self, blocks: Tensor) -> Tensor:
+        return blocks
 
 
 ExpertsFn = Callable[[Tensor, "list[int] | None"], Tensor]
@@ -109,8 +167,20 @@ def dispatch_fixed(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange, e
 
 def dispatch_variable(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange, experts: ExpertsFn,
                       num_experts: int, dtype: torch.dtype) -> tuple[Tensor, int]:
-    """Combined expert outputs (S, d) with split sizes from the routed counts (any gate,
-    dropping or not), and the rows per local expert in the expert buffer."""
+    """Combined expert outputs (S, d) for any gate (dropping or not), without a capacity
+    known beforehand, and the rows per local expert in the expert buffer: by blocks where
+    the group agreed a block size and no gradient is needed, else with the counts first."""
+    agreement = exchange.agreement
+    while exchange.ep_size > 1 and not torch.is_grad_enabled() and agreement.block_rows is not None:
+        done = _dispatch_blocks(tokens, gate, exchange, experts, num_experts, dtype, agreement.block_rows)
+        if done is not None:
+            return done
+    return _dispatch_counted(tokens, gate, exchange, experts, num_experts, dtype)
+
+
+def _dispatch_counted(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange, experts: ExpertsFn,
+                      num_experts: int, dtype: torch.dtype) -> tuple[Tensor, int]:
+    """The variable split: counts (with each rank's header) first, then rows sized by them."""
     ep = exchange.ep_size
     local_experts, d = num_experts // ep, tokens.shape[1]
     expert, weight = gate.expert.reshape(-1), gate.weight.reshape(-1)
@@ -118,8 +188,10 @@ def dispatch_variable(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange
     by_expert = torch.where(gate.kept.reshape(-1), expert, num_experts)  # dropped: last
     order = torch.argsort(by_expert, stable=True)
     counts = count_per_expert(by_expert, num_experts + 1)[:num_experts]
-    received = exchange.exchange_counts(counts)  # (ep, E_local), on the device
-    sizes = _host_sizes(counts.view(ep, local_experts).sum(dim=1), received)
+    header = counts.new_tensor([tokens.shape[0], exchange.agreement.flag]).expand(ep, 2)
+    received = exchange.exchange_counts(torch.cat([counts.view(ep, local_experts), header], dim=1).flatten())
+    sizes = _host_sizes(counts.view(ep, local_experts).sum(dim=1), received)  # on the device
+    exchange.agreement.heard(sizes.tokens, sizes.flags, top_k, d, dtype.itemsize)
     order = order[:sum(sizes.send)]  # the kept assignments, sorted by expert
     token_index = order // top_k
     sent = tokens.index_select(0, token_index).to(dtype)
@@ -128,7 +200,7 @@ def dispatch_variable(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange
 
     # Rows arrive grouped by source rank, then by local expert: give each its place.
     local_expert = torch.arange(local_experts, device=tokens.device).repeat(ep)
-    local_expert = local_expert.repeat_interleave(received.flatten(), output_size=sum(sizes.recv))
+    local_expert = local_expert.repeat_interleave(received[:, :-2].flatten(), output_size=sum(sizes.recv))
     row = local_expert * sizes.capacity + position_in_expert(local_expert, local_experts)
     buffer = arrived.new_zeros(local_experts * sizes.capacity, d)
     buffer.index_put_((row,), arrived)
@@ -139,6 +211,62 @@ def dispatch_variable(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange
     return _Combine.apply(out, weight.index_select(0, order), token_index, tokens.shape[0]), sizes.capacity
 
 
+_HEADER = 3
+"""A block header's int32 fields: the sender's tokens, its flag, whether its rows overflowed."""
+
+
+@torch.no_grad()
+def _dispatch_blocks(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange, experts: ExpertsFn,
+                     num_experts: int, dtype: torch.dtype, block: int) -> tuple[Tensor, int] | None:
+    """The block exchange (module docstring); None, on every rank alike, when some rank's
+    rows did not fit ``block`` (the agreement then holds the size that fits)."""
+    ep, d, device = exchange.ep_size, tokens.shape[1], tokens.device
+    local_experts = num_experts // ep
+    top_k = _top_k(gate)
+    expert, weight = gate.expert.reshape(-1), gate.weight.reshape(-1)
+    overflow = top_k * tokens.shape[0] > block
+    data_bytes, row_bytes = d * dtype.itemsize, _block_row_bytes(d, dtype.itemsize)
+    assert data_bytes >= 4 * _HEADER, "a block row holds the header in its values' bytes"
+    stride = block + 1  # a header row, then the block
+    packed = torch.zeros(ep * stride + 1, row_bytes, dtype=torch.uint8, device=device)  # + a spare row
+    ids = packed[:, row_bytes - 4:].view(torch.int32).view(-1)
+    ids.fill_(-1)  # padding: no expert
+    token_index = torch.arange(expert.numel(), device=device) // top_k
+    to_rank = torch.where(gate.kept.reshape(-1), expert // local_experts, ep)  # dropped: none
+    position = position_in_expert(to_rank, ep)
+    if not overflow:  # else only the header goes: the layer runs again
+        sent_row = torch.where(to_rank < ep, to_rank * stride + 1 + position, ep * stride)
+        packed[:, :data_bytes].view(dtype).index_put_((sent_row,), tokens.index_select(0, token_index).to(dtype))
+        ids.index_put_((sent_row,), (expert % local_experts).to(torch.int32))
+    header = packed[:ep * stride].view(ep, stride, row_bytes)[:, 0, :4 * _HEADER].view(torch.int32)
+    header.copy_(torch.tensor([tokens.shape[0], exchange.agreement.flag, int(overflow)], dtype=torch.int32))
+
+    arrived = exchange.exchange_blocks(packed[:ep * stride]).view(ep, stride, row_bytes)
+    arrived_ids = arrived[:, 1:, row_bytes - 4:].reshape(-1).view(torch.int32).long()
+    local_expert = torch.where(arrived_ids >= 0, arrived_ids, local_experts)  # padding: spare
+    counts = count_per_expert(local_expert, local_experts + 1)[:local_experts]
+    heard = arrived[:, 0, :4 * _HEADER].view(torch.int32)
+    flat = torch.cat([heard.flatten().long(), counts]).tolist()  # the layer's one host sync
+    sources = [flat[r * _HEADER:(r + 1) * _HEADER] for r in range(ep)]
+    exchange.agreement.heard([s[0] for s in sources], [s[1] for s in sources], top_k, d, dtype.itemsize)
+    if any(s[2] for s in sources):
+        return None
+    per_expert = flat[ep * _HEADER:]
+    capacity = max(max(per_expert), 1)
+    row = torch.where(local_expert < local_experts,
+                      local_expert * capacity + position_in_expert(local_expert, local_experts),
+                      local_experts * capacity)
+    buffer = tokens.new_zeros(local_experts * capacity + 1, d, dtype=dtype)
+    buffer.index_put_((row,), arrived[:, 1:, :data_bytes].reshape(-1, data_bytes).view(dtype))
+    results = experts(buffer[:-1].view(local_experts, capacity, d), per_expert)
+    # Padding rows go back as zeros (an expert's rows past its own are left unset).
+    results = torch.cat([results.reshape(-1, d), results.new_zeros(1, d)])
+    returned = exchange.exchange_blocks(results.index_select(0, row))  # each rank's rows, as sent
+    # A dropped assignment reads any row: its combine weight is exactly 0.
+    out = returned.index_select(0, torch.where(to_rank < ep, to_rank * block + position, 0))
+    return _Combine.apply(out, weight, token_index, tokens.shape[0]), capacity
+
+
 def _top_k(gate: GateOutput) -> int:
     """Assignments per token (from the shape: a rank may route no token at all)."""
     return gate.expert.shape[1] if gate.expert.ndim == 2 else 1
@@ -147,7 +275,11 @@ def _top_k(gate: GateOutput) -> int:
 class _HostSizes:
     """What the variable exchange needs on the host, read from the device in one copy."""
 
-    def __init__(self, send: list[int], received: list[list[int]]):
+    def __init__(self, send: list[int], received: list[list[int]], headers: list[list[int]]):
+        self.tokens = [h[0] for h in headers]
+        """Each rank's tokens (from its header)."""
+        self.flags = [h[1] for h in headers]
+        """Each rank's flag (from its header)."""
         self.send = send
         """Rows to each rank of the group."""
         self.recv = [sum(per_expert) for per_expert in received]
@@ -159,7 +291,8 @@ class _HostSizes:
 
 
 def _host_sizes(send: Tensor, received: Tensor) -> _HostSizes:
-    ep, local_experts = received.shape
+    """From the rows to each rank and the (ep, E_local + 2) counts and headers received."""
+    ep, width = received.shape
     flat = torch.cat([send, received.flatten()]).tolist()  # the layer's one host sync
-    return _HostSizes(flat[:ep], [flat[ep + r * local_experts: ep + (r + 1) * local_experts]
-                                  for r in range(ep)])
+    per_source = [flat[ep + r * width: ep + (r + 1) * width] for r in range(ep)]
+    return _HostSizes(flat[:ep], [row[:-2] for row in per_source], [row[-2:] for row in per_source])

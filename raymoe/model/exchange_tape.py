@@ -78,6 +78,7 @@ class _TapedExchange:
         self.context = context
         self.ep_size = inner.ep_size
         self.ep_rank = inner.ep_rank
+        self.agreement = inner.agreement
 
     def all_to_all(self, x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
         kept = self._take()
@@ -88,6 +89,9 @@ class _TapedExchange:
     def exchange_counts(self, counts: Tensor) -> Tensor:
         kept = self._take()
         return kept if kept is not None else self._keep(self.inner.exchange_counts(counts))
+
+    def exchange_blocks(self, blocks: Tensor) -> Tensor:
+        return self.inner.exchange_blocks(blocks)  # without gradients: nothing to recompute
 
     def _take(self) -> Tensor | None:
         tape = self.context.tape

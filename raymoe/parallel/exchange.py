@@ -1,6 +1,8 @@
 """The expert-parallel exchange over a process group: a differentiable all-to-all with
 given split sizes (``all_to_all_single``; the list form fails on gloo when the sizes
-differ) and the per-expert count exchange. Neither reads a device value on the host."""
+differ), the per-expert count exchange and the equal-split block exchange. None reads a
+device value on the host. A CPU group on one host may pass them through shared memory
+instead (raymoe.parallel.shared_memory), those that fit its parts."""
 
 from __future__ import annotations
 
@@ -9,6 +11,9 @@ import time
 import torch
 import torch.distributed as dist
 from torch import Tensor
+
+from raymoe.model.dispatch import GroupAgreement
+from raymoe.parallel.shared_memory import SharedMemoryAllToAll
 
 
 class _AllToAll(torch.autograd.Function):
@@ -33,21 +38,37 @@ class ProcessGroupExchange:
         self.group = group
         self.ep_size = ep_size
         self.ep_rank = ep_rank
+        self.agreement = GroupAgreement()
+        self.shared: SharedMemoryAllToAll | None = None
+        """Where set, the exchanges that fit go through shared memory."""
         self.seconds = 0.0
-        """Wall time spent in row all-to-alls, forward and backward (host-side: on a GPU
-        it counts only what the host waits for)."""
+        """Wall time spent in row and block all-to-alls, forward and backward (host-side:
+        on a GPU it counts only what the host waits for)."""
 
     def all_to_all(self, x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
         return _AllToAll.apply(x, send_counts, recv_counts, self)
 
     def exchange_rows(self, x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
         start = time.perf_counter()
-        out = x.new_empty((sum(recv_counts),) + tuple(x.shape[1:]))
-        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=self.group)
+        out = self.shared.all_to_all(x, send_counts, recv_counts) if self.shared is not None else None
+        if out is None:
+            out = x.new_empty((sum(recv_counts),) + tuple(x.shape[1:]))
+            dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=self.group)
         self.seconds += time.perf_counter() - start
         return out
 
     def exchange_counts(self, counts: Tensor) -> Tensor:
-        received = torch.empty_like(counts)
-        dist.all_to_all_single(received, counts, group=self.group)
-        return received.view(self.ep_size, -1)
+        return self._equal_split(counts).view(self.ep_size, -1)
+
+    def exchange_blocks(self, blocks: Tensor) -> Tensor:
+        start = time.perf_counter()
+        out = self._equal_split(blocks)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def _equal_split(self, x: Tensor) -> Tensor:
+        out = self.shared.all_to_all(x) if self.shared is not None else None
+        if out is None:
+            out = torch.empty_like(x)
+            dist.all_to_all_single(out, x, group=self.group)
+        return out

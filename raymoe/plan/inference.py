@@ -11,8 +11,10 @@ Assumptions (printed with the estimate): weights and the KV cache in the GPU's c
 dtype (bf16); top-k routing spreads a batch's tokens uniformly over the experts; the batch's
 rows split evenly over the devices (raymoe's row-split inference groups); HBM reads at
 ``MEMORY_EFFICIENCY`` of peak; per MoE layer two all-to-all exchanges per step (dispatch and
-combine) of fixed latency ``ALL_TO_ALL_LATENCY`` plus their bytes on NVLink (inside a node:
-NCCL over NVLink, tens of microseconds) or the network; no kernel-launch overhead
+combine, raymoe's block exchange: a block of top-k x rows to every device of the group),
+or three where the blocks pass BLOCK_EXCHANGE_BYTES (the counts first, then only the
+rows), each of fixed latency ``ALL_TO_ALL_LATENCY`` plus its bytes on NVLink (inside a
+node: NCCL over NVLink, tens of microseconds) or the network; no kernel-launch overhead
 (CUDA graphs), no prompt processing."""
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import math
 from dataclasses import dataclass
 
 from raymoe.config import Config
+from raymoe.model.dispatch import BLOCK_EXCHANGE_BYTES, block_exchange_bytes
 from raymoe.plan.hardware import GB, Hardware, PlanError, hardware
 from raymoe.plan.sizes import model_shape
 from raymoe.plan.timing import ALL_TO_ALL_LATENCY, COMPUTE_EFFICIENCY
@@ -49,6 +52,7 @@ class DecodeBytes:
     """Sequences the busiest device decodes."""
     exchange_bytes: float
     """Bytes one all-to-all sends from a device."""
+    exchanges_per_moe_layer: int
 
     @property
     def held(self) -> float:
@@ -97,7 +101,16 @@ def decode_bytes(cfg: Config, width: int, gpus: int, batch: int, context: int = 
                        weights_held=(shape.dense_params + shape.local_expert_params) * width,
                        kv_held=rows * 2 * m.n_layer * context * m.d_model * width,
                        dense_read=shape.dense_params * width, expert_read=expert_read, rows=rows,
-                       exchange_bytes=rows * moe.top_k * m.d_model * width)
+                       **_exchange(ep, rows * moe.top_k, m.d_model, width))
+
+
+def _exchange(ep: int, assignments: int, d_model: int, width: int) -> dict[str, int]:
+    """What a device sends per exchange of a decode step, and how many exchanges (see
+    raymoe.model.dispatch): blocks where they fit, else counts and then only the rows."""
+    blocks = block_exchange_bytes(ep, assignments, d_model, width)
+    if blocks <= BLOCK_EXCHANGE_BYTES:
+        return {"exchange_bytes": blocks, "exchanges_per_moe_layer": 2}
+    return {"exchange_bytes": assignments * d_model * width, "exchanges_per_moe_layer": 3}
 
 
 def estimate_decode(cfg: Config, gpu: str | Hardware, gpus: int, batch: int, context: int = 0) -> DecodeEstimate:
@@ -107,7 +120,8 @@ def estimate_decode(cfg: Config, gpu: str | Hardware, gpus: int, batch: int, con
         raise PlanError("decode time is predicted for GPUs only")
     b = decode_bytes(cfg, hw.compute_bytes, gpus, batch, context)
     shape = model_shape(_with_ep(cfg, b.ep))
-    exchange = 2 * shape.moe_layers * _all_to_all_seconds(hw, b.ep, b.exchange_bytes) if b.ep > 1 else 0.0
+    exchange = (b.exchanges_per_moe_layer * shape.moe_layers * _all_to_all_seconds(hw, b.ep, b.exchange_bytes)
+                if b.ep > 1 else 0.0)
     memory_seconds = b.read / (hw.hbm_bandwidth * MEMORY_EFFICIENCY)
     compute_seconds = 2 * shape.active_params * b.rows / (hw.peak_flops * COMPUTE_EFFICIENCY)
     step = max(memory_seconds, compute_seconds) + exchange
