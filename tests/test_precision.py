@@ -27,7 +27,7 @@ from test_expert_parallel import MOE_LAYERS, build, global_batch, shards, tiny_c
 from raymoe.config import ConfigError, load_config
 from raymoe.model import GPT, precision
 from raymoe.model.moe import Router
-from raymoe.model.precision import CPU_BF16_MIN_D_MODEL, autocast_dtype, autocast_to
+from raymoe.model.precision import CPU_BF16_MIN_D_MODEL, autocast_dtype, autocast_to, cast_for_inference
 from raymoe.parallel import Mesh
 from raymoe.parallel.build import build_model
 from raymoe.train.optim import build_optimizer
@@ -147,3 +147,21 @@ def test_fsdp_gathers_bf16_and_reduces_fp32_on_gloo_as_one_bf16_process(tmp_path
         assert set(got["seen"]["attention weight"]) == {torch.bfloat16}  # FSDP gathered bf16
         assert set(got["seen"]["router"]) == {torch.float32}
         assert got["reduce_dtypes"] == {torch.float32}
+
+
+def test_inference_weights_stored_in_bf16_give_autocasts_numbers():
+    """GPU inference stores the weights autocast would cast (linear layers, experts) in
+    bf16 once: the same logits, to the bit, as casting them at every use; embeddings,
+    norms and routers stay fp32."""
+    cfg = load_config("tiny-moe8", ["model.d_model=64", "model.n_layer=2", "model.moe.every=1"])
+    torch.manual_seed(0)
+    model = GPT(cfg.model).eval()
+    ids = torch.randint(0, cfg.model.vocab_size, (3, 17))
+    with torch.no_grad(), autocast_to(torch.device("cpu"), torch.bfloat16):
+        expected = model(ids).logits
+        cast_for_inference(model, torch.bfloat16)
+        got = model(ids).logits
+    assert torch.equal(got, expected)
+    dtypes = {name: p.dtype for name, p in model.named_parameters()}
+    assert dtypes["blocks.0.mlp.experts.w_in"] == dtypes["blocks.0.attn.qkv.weight"] == torch.bfloat16
+    assert dtypes["blocks.0.mlp.router.weight"] == dtypes["wte.weight"] == dtypes["ln_f.weight"] == torch.float32

@@ -11,6 +11,7 @@ import torch
 from raymoe.config import Config, config_from_dict
 from raymoe.data.tokenizers import Tokenizer
 from raymoe.model import GPT
+from raymoe.model.precision import autocast_dtype, cast_for_inference
 from raymoe.parallel.checkpoint import CheckpointSource
 from raymoe.parallel.mesh import Mesh
 from raymoe.runs import CheckpointError, checkpoint_tokenizer, find_checkpoint
@@ -47,6 +48,7 @@ def load_model(path: str, device: str | torch.device = "cpu",
     model = GPT(cfg.model, mesh.expert_exchange())
     source.load(model, mesh)
     model = model.to(device).eval()
+    cast_for_inference(model, autocast_dtype(torch.device(device)))
     return LoadedModel(model, checkpoint_tokenizer(uri, extra, tokenizer), cfg, uri,
                        int(extra.get("step", 0)), source.bytes_read)
 
