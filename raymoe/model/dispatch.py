@@ -188,7 +188,8 @@ def _dispatch_counted(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange
     by_expert = torch.where(gate.kept.reshape(-1), expert, num_experts)  # dropped: last
     order = torch.argsort(by_expert, stable=True)
     counts = count_per_expert(by_expert, num_experts + 1)[:num_experts]
-    header = counts.new_tensor([tokens.shape[0], exchange.agreement.flag]).expand(ep, 2)
+    header = torch.stack([counts.new_full((ep,), tokens.shape[0]),  # fills: no copy to the device
+                          counts.new_full((ep,), exchange.agreement.flag)], dim=1)
     received = exchange.exchange_counts(torch.cat([counts.view(ep, local_experts), header], dim=1).flatten())
     sizes = _host_sizes(counts.view(ep, local_experts).sum(dim=1), received)  # on the device
     exchange.agreement.heard(sizes.tokens, sizes.flags, top_k, d, dtype.itemsize)
@@ -239,7 +240,8 @@ def _dispatch_blocks(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange,
         packed[:, :data_bytes].view(dtype).index_put_((sent_row,), tokens.index_select(0, token_index).to(dtype))
         ids.index_put_((sent_row,), (expert % local_experts).to(torch.int32))
     header = packed[:ep * stride].view(ep, stride, row_bytes)[:, 0, :4 * _HEADER].view(torch.int32)
-    header.copy_(torch.tensor([tokens.shape[0], exchange.agreement.flag, int(overflow)], dtype=torch.int32))
+    for field_index, value in enumerate((tokens.shape[0], exchange.agreement.flag, int(overflow))):
+        header[:, field_index].fill_(value)  # a fill: no copy to the device, no wait for it
 
     arrived = exchange.exchange_blocks(packed[:ep * stride]).view(ep, stride, row_bytes)
     arrived_ids = arrived[:, 1:, row_bytes - 4:].reshape(-1).view(torch.int32).long()
