@@ -266,24 +266,25 @@ BLOCK_SCHEDULE = [  # rank 0's tokens per forward, and every other rank's
     (5, 3), (5, 3),  # counts first, then blocks of the size the first agreed
     (9, 2),  # rank 0 overflows: headers only, then blocks of 9 x top-k
     (1, 0), (0, 0),  # blocks shrink to what the last forward needed
-    (10_000, 1),  # past BLOCK_EXCHANGE_BYTES: headers only, then counts
+    (30_000, 1),  # past BLOCK_EXCHANGE_BYTES: headers only, then counts
 ]
-BLOCK_D_MODEL = 32
-
-
-def block_exchange_worker(rank: int, world: int, top_k: int, dtype: torch.dtype, shared: bool) -> list[dict]:
+def block_exchange_worker(rank: int, world: int, top_k: int, dtype: torch.dtype, shared: bool,
+                          d_model: int) -> list[dict]:
     """Per forward of BLOCK_SCHEDULE (no gradient, eval), on an MoE layer of EP ``world``:
     the output against one process's layer on the same tokens, the exchanges made, and the
-    block size agreed after it. ``shared``: the small exchanges through shared memory."""
+    block size agreed after it. ``shared``: the small exchanges through shared memory;
+    ``dtype``: bf16 by autocast, fp64 by the layer's own."""
     cfg = dataclasses.replace(load_config("tiny-moe8").model.moe, top_k=top_k, num_experts=8,
                               noisy_gate_policy=None)
     torch.manual_seed(0)
-    one_process = MoELayer(BLOCK_D_MODEL, 4 * BLOCK_D_MODEL, cfg).eval()
+    one_process = MoELayer(d_model, 4 * d_model, cfg).eval()
     for p in one_process.parameters():
         torch.nn.init.normal_(p, std=0.5)
     exchange = ProcessGroupExchange(dist.group.WORLD, world, rank)
     exchange.shared = SharedMemoryAllToAll.connect(dist.group.WORLD) if shared else None
-    layer = MoELayer(BLOCK_D_MODEL, 4 * BLOCK_D_MODEL, cfg, exchange).eval()
+    layer = MoELayer(d_model, 4 * d_model, cfg, exchange).eval()
+    if dtype == torch.float64:
+        one_process, layer = one_process.double(), layer.double()
     experts = slice(rank * layer.num_local_experts, (rank + 1) * layer.num_local_experts)
     with torch.no_grad():
         layer.router.weight.copy_(one_process.router.weight)
@@ -293,10 +294,11 @@ def block_exchange_worker(rank: int, world: int, top_k: int, dtype: torch.dtype,
     results = []
     with (counting(calls, "exchange_rows"), counting(calls, "exchange_counts"),
           counting(calls, "exchange_blocks"), torch.no_grad(),
-          torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)):
+          torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16)):
         for step, planned in enumerate(BLOCK_SCHEDULE):
             tokens = planned[min(rank, 1)]
-            x = torch.randn(tokens, BLOCK_D_MODEL, generator=torch.Generator().manual_seed(100 * step + rank))
+            x = torch.randn(tokens, d_model, generator=torch.Generator().manual_seed(100 * step + rank))
+            x = x.double() if dtype == torch.float64 else x
             calls.clear()
             got = layer(x)[0]
             results.append({"error": (got - one_process(x)[0]).abs().max().item() if tokens else 0.0,
@@ -304,11 +306,13 @@ def block_exchange_worker(rank: int, world: int, top_k: int, dtype: torch.dtype,
     return results
 
 
-@pytest.mark.parametrize("world, top_k, dtype, shared", [
-    (2, 1, torch.float32, False), (4, 2, torch.float32, False), (2, 1, torch.bfloat16, False),
-    (4, 2, torch.float32, True), (2, 1, torch.bfloat16, True)])
-def test_block_exchange_equals_one_process_and_saves_the_count_exchange(tmp_path, world, top_k, dtype, shared):
-    results = run_distributed(block_exchange_worker, world, tmp_path, top_k, dtype, shared)
+@pytest.mark.parametrize("world, top_k, dtype, shared, d_model", [
+    (2, 1, torch.float32, False, 32), (4, 2, torch.float32, False, 32), (2, 1, torch.bfloat16, False, 32),
+    (4, 2, torch.float32, True, 32), (2, 1, torch.bfloat16, True, 32),
+    (2, 2, torch.bfloat16, True, 5), (2, 1, torch.float64, False, 7)])  # a row padded to 8 bytes
+def test_block_exchange_equals_one_process_and_saves_the_count_exchange(tmp_path, world, top_k, dtype, shared,
+                                                                        d_model):
+    results = run_distributed(block_exchange_worker, world, tmp_path, top_k, dtype, shared, d_model)
     counted, blocks = {"exchange_counts": 1, "exchange_rows": 2}, {"exchange_blocks": 2}
     header_only = {"exchange_blocks": 1}
     expected = [
@@ -316,7 +320,7 @@ def test_block_exchange_equals_one_process_and_saves_the_count_exchange(tmp_path
         ({"exchange_blocks": 3}, 9 * top_k),
         (blocks, top_k), (blocks, 0),
         ({**header_only, **counted}, None)]
-    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-5
     for rank_results in results:
         assert len(rank_results) == len(expected)
         for step, (got, (exchanges, block_rows)) in enumerate(zip(rank_results, expected, strict=True)):

@@ -1,11 +1,17 @@
 """The shared-memory all-to-all of a CPU group on one host: the same rows as gloo's
 all_to_all_single, equal shares or not, round after round (a rank rewrites a buffer only
 once its peers have read it); rows past one rank's part leave the round to the process
-group on every rank; a peer that is gone is named in an error instead of a hang."""
+group on every rank; a peer that is gone is named in an error instead of a hang; a group
+whose ranks cannot share a mapping (no room, a /dev/shm or process ids of their own) is
+told so on every rank, and exchanges over the process group instead."""
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import time
+from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -64,3 +70,30 @@ def test_a_peer_that_is_gone_is_named_not_waited_for(tmp_path):
     seconds, message = error.split(" s: ", 1)
     assert "rank 1 of the group never sent round 1" in message and "is gone" in message
     assert float(seconds) < 20
+
+
+def refused_worker(rank: int, world: int, case: str) -> tuple[bool, list[str]]:
+    """``case`` on one rank: no room under /dev/shm (rank 0 creates the file), a /dev/shm
+    of its own (rank 1 does not find the file), or process ids of its own (rank 1 does not
+    see rank 0's process). Every rank must be told None, and no file left behind."""
+    from raymoe.parallel import shared_memory
+
+    patches = {
+        "no room": (0, mock.patch.object(shared_memory.os, "posix_fallocate",
+                                         side_effect=OSError(errno.ENOSPC, "No space left on device"))),
+        "own /dev/shm": (1, mock.patch.object(shared_memory.os.path, "exists", return_value=False)),
+        "own process ids": (1, mock.patch.object(shared_memory, "_running", return_value=False)),
+    }
+    patched_rank, patch = patches[case]
+    with patch if rank == patched_rank else contextlib.nullcontext():
+        shared = SharedMemoryAllToAll.connect(dist.group.WORLD)
+    dist.barrier()
+    return shared is None, sorted(p.name for p in Path("/dev/shm").glob("raymoe-exchange-*"))
+
+
+@pytest.mark.parametrize("case", ["no room", "own /dev/shm", "own process ids"])
+def test_a_group_that_cannot_share_a_mapping_is_told_so_on_every_rank(tmp_path, case):
+    before = sorted(p.name for p in Path("/dev/shm").glob("raymoe-exchange-*"))
+    for refused, left in run_distributed(refused_worker, 2, tmp_path, case):
+        assert refused
+        assert left == before

@@ -35,7 +35,9 @@ def load_model(path: str, device: str | torch.device = "cpu",
 
     ``tokenizer`` overrides the one recorded with the checkpoint ("gpt2", "bytes" or a
     tokenizer.json). ``mesh``: this rank's expert-parallel group (default: one process
-    holding every expert); the rank loads its own experts only.
+    holding every expert); the rank loads its own experts only. Where inference autocasts
+    (GPU: bf16), the linear layers' and experts' weights are stored in its dtype
+    (cast_for_inference): run the model under ``raymoe.model.precision.autocast``.
     """
     mesh = mesh or Mesh(1)
     uri = find_checkpoint(path)

@@ -69,12 +69,20 @@ class GroupAgreement:
 
 def block_exchange_bytes(ep: int, block_rows: int, d_model: int, itemsize: int) -> int:
     """What a rank sends in one block exchange: to each rank a header row and ``block_rows``
-    rows, each of a token's values (padded to 4 bytes) and its local expert (int32)."""
+    rows, each of a token's values and its local expert (int32)."""
     return ep * (block_rows + 1) * _block_row_bytes(d_model, itemsize)
 
 
 def _block_row_bytes(d_model: int, itemsize: int) -> int:
-    return -(-d_model * itemsize // 4) * 4 + 4
+    """A token's values, padded to 8 bytes (every dtype's alignment) and to room for the
+    header (a header row uses its values' bytes), then 8 for its local expert."""
+    return max(-(-d_model * itemsize // 8) * 8, 4 * _HEADER) + _ID_BYTES
+
+
+_HEADER = 3
+"""A block header's int32 fields: the sender's tokens, its flag, whether its rows overflowed."""
+_ID_BYTES = 8
+"""A row's last bytes: its local expert (int32; -1 for padding), then padding."""
 
 
 class ExpertExchange(Protocol):
@@ -212,10 +220,6 @@ def _dispatch_counted(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange
     return _Combine.apply(out, weight.index_select(0, order), token_index, tokens.shape[0]), sizes.capacity
 
 
-_HEADER = 3
-"""A block header's int32 fields: the sender's tokens, its flag, whether its rows overflowed."""
-
-
 @torch.no_grad()
 def _dispatch_blocks(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange, experts: ExpertsFn,
                      num_experts: int, dtype: torch.dtype, block: int) -> tuple[Tensor, int] | None:
@@ -227,10 +231,9 @@ def _dispatch_blocks(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange,
     expert, weight = gate.expert.reshape(-1), gate.weight.reshape(-1)
     overflow = top_k * tokens.shape[0] > block
     data_bytes, row_bytes = d * dtype.itemsize, _block_row_bytes(d, dtype.itemsize)
-    assert data_bytes >= 4 * _HEADER, "a block row holds the header in its values' bytes"
     stride = block + 1  # a header row, then the block
     packed = torch.zeros(ep * stride + 1, row_bytes, dtype=torch.uint8, device=device)  # + a spare row
-    ids = packed[:, row_bytes - 4:].view(torch.int32).view(-1)
+    ids = packed[:, row_bytes - _ID_BYTES:row_bytes - _ID_BYTES + 4].view(torch.int32).view(-1)
     ids.fill_(-1)  # padding: no expert
     token_index = torch.arange(expert.numel(), device=device) // top_k
     to_rank = torch.where(gate.kept.reshape(-1), expert // local_experts, ep)  # dropped: none
@@ -244,7 +247,7 @@ def _dispatch_blocks(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange,
         header[:, field_index].fill_(value)  # a fill: no copy to the device, no wait for it
 
     arrived = exchange.exchange_blocks(packed[:ep * stride]).view(ep, stride, row_bytes)
-    arrived_ids = arrived[:, 1:, row_bytes - 4:].reshape(-1).view(torch.int32).long()
+    arrived_ids = arrived[:, 1:, row_bytes - _ID_BYTES:row_bytes - _ID_BYTES + 4].reshape(-1).view(torch.int32).long()
     local_expert = torch.where(arrived_ids >= 0, arrived_ids, local_experts)  # padding: spare
     counts = count_per_expert(local_expert, local_experts + 1)[:local_experts]
     heard = arrived[:, 0, :4 * _HEADER].view(torch.int32)

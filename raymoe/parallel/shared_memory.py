@@ -11,7 +11,8 @@ x86 host: x86 keeps one core's stores in order for the others, which is what let
 counter written after the rows publish them. Elsewhere gloo, and NCCL on GPUs, do it.
 
 Layout of the mapping: a 64-byte header per rank (its round counter, its process id,
-whether its rows fit, in even and in odd rounds), then two buffers used in alternate
+whether its rows fit, in even and in odd rounds; rank 0's also a number that tells the
+others they map the same file), then two buffers used in alternate
 rounds, each with a part per (source, destination) pair. A rank rewrites a buffer (and
 its flag) only two rounds on, by when every peer has read it (each has published the
 round between). A round in which some rank's
@@ -23,6 +24,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import secrets
 import socket
 import tempfile
 import time
@@ -52,6 +54,8 @@ class SharedMemoryAllToAll:
         self.mapping = mapping
         header = mapping[:size * _HEADER_BYTES].view(torch.int64).view(size, -1)
         self.rounds, self.pids, self.fits = header[:, 0], header[:, 1], header[:, 2:4]
+        self.nonces = header[:, 4]
+        """Rank 0's: the number its ``connect`` wrote, which tells a rank it maps that file."""
         parts = mapping[size * _HEADER_BYTES:size * (_HEADER_BYTES + 2 * slot_bytes)]
         self.parts = parts.view(2, size, slot_bytes)[..., :size * self.part_bytes].unflatten(2, (size, -1))
         self.round = 0
@@ -60,27 +64,33 @@ class SharedMemoryAllToAll:
     def connect(cls, group: dist.ProcessGroup, slot_bytes: int = SLOT_BYTES,
                 timeout: float = 600.0) -> SharedMemoryAllToAll | None:
         """Collective: the group's mapping, or None (on every rank) unless all its ranks
-        run on this one x86 host."""
+        run on one x86 host, see the same mapping and each other's processes (containers
+        of one host may share neither /dev/shm nor process ids), and the room for it is
+        there (a full /dev/shm would kill a rank that touches the mapping)."""
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         hosts: list[object] = [None] * size
         dist.all_gather_object(hosts, (socket.gethostname(), _boot_id(), platform.machine()), group=group)
         if len(set(hosts)) != 1 or platform.machine().lower() not in ("x86_64", "amd64"):
             return None
-        path: list[str | None] = [None]
-        if rank == 0:
-            folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
-            handle, path[0] = tempfile.mkstemp(prefix="raymoe-exchange-", dir=folder)
-            os.close(handle)
-        dist.broadcast_object_list(path, src=dist.get_global_rank(group, 0), group=group)
-        assert path[0] is not None
         nbytes = size * (_HEADER_BYTES + 2 * slot_bytes)
-        mapping = torch.from_file(path[0], shared=True, size=nbytes, dtype=torch.uint8)
-        exchange = cls(mapping, rank, size, slot_bytes, timeout)
-        exchange.pids[rank] = os.getpid()
-        dist.barrier(group=group)  # every rank has mapped it: the name can go
+        offer: list[tuple[str, int] | None] = [_create(nbytes) if rank == 0 else None]
+        dist.broadcast_object_list(offer, src=dist.get_global_rank(group, 0), group=group)
+        if offer[0] is None:
+            return None
+        path, nonce = offer[0]
+        exchange = None
+        if os.path.exists(path):  # else from_file would make another file: not the group's
+            mapping = torch.from_file(path, shared=True, size=nbytes, dtype=torch.uint8)
+            exchange = cls(mapping, rank, size, slot_bytes, timeout)
+            exchange.pids[rank] = os.getpid()
+        dist.barrier(group=group)  # every rank has mapped it and written its process id
+        sees_all = exchange is not None and int(exchange.nonces[0]) == nonce and all(
+            _running(int(pid)) for peer, pid in enumerate(exchange.pids) if peer != rank)
+        agreed: list[object] = [None] * size
+        dist.all_gather_object(agreed, sees_all, group=group)
         if rank == 0:
-            os.unlink(path[0])
-        return exchange
+            os.unlink(path)  # the mappings stay; nothing is left behind when they go
+        return exchange if all(agreed) else None
 
     def all_to_all(self, x: Tensor, send_counts: list[int] | None = None,
                    recv_counts: list[int] | None = None) -> Tensor | None:
@@ -135,6 +145,26 @@ class SharedMemoryAllToAll:
             why = f"waited {waited:.0f} s" if waited > self.timeout else f"its process {pid} is gone"
             raise RuntimeError(f"shared-memory exchange: rank {peer} of the group never sent round "
                                f"{self.round} ({why})")
+
+
+def _create(nbytes: int) -> tuple[str, int] | None:
+    """A file of ``nbytes`` reserved (not sparse) under /dev/shm, with a random number at
+    rank 0's nonce; None where there is no room for it."""
+    folder = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    handle, path = tempfile.mkstemp(prefix="raymoe-exchange-", dir=folder)
+    nonce = secrets.randbits(62) + 1
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(handle, 0, nbytes)
+        else:
+            os.ftruncate(handle, nbytes)
+        os.pwrite(handle, nonce.to_bytes(8, "little"), 4 * 8)  # rank 0's header, field 4
+    except OSError:
+        os.unlink(path)
+        return None
+    finally:
+        os.close(handle)
+    return path, nonce
 
 
 def _running(pid: int) -> bool:
