@@ -327,3 +327,26 @@ def test_block_exchange_equals_one_process_and_saves_the_count_exchange(tmp_path
             assert got["error"] < tolerance, (step, got)
             assert got["exchanges"] == exchanges, step
             assert got["block_rows"] == block_rows, step
+
+
+def out_of_step_worker(rank: int, world: int, aligned_first: bool) -> str:
+    """Rank 0 in the MoE layer of block 0, rank 1 in block 1's: after an aligned forward
+    (``aligned_first``: the block exchange) or first thing (the count exchange)."""
+    cfg = dataclasses.replace(load_config("tiny-moe8").model.moe, num_experts=4)
+    exchange = ProcessGroupExchange(dist.group.WORLD, world, rank)
+    layers = [MoELayer(8, 16, cfg, exchange, layer=index).eval() for index in (0, 1)]
+    with torch.no_grad():
+        if aligned_first:
+            layers[0](torch.randn(3, 8))
+            assert exchange.agreement.block_rows == 3
+        try:
+            layers[rank](torch.randn(3, 8))
+        except RuntimeError as e:
+            return str(e)
+    return "no error"
+
+
+@pytest.mark.parametrize("aligned_first", [False, True])
+def test_ranks_in_different_layers_fail_alike_instead_of_exchanging(tmp_path, aligned_first):
+    for error in run_distributed(out_of_step_worker, 2, tmp_path, aligned_first):
+        assert "out of step: the group's ranks are in the MoE layers of blocks [0, 1]" in error

@@ -12,7 +12,7 @@ Three ways, all index-based (never a [tokens, experts, capacity] tensor):
   all-to-all and the expert buffer.
 - Blocks, without gradients (evaluation, decoding), when the group agreed on a block size
   small enough: each rank sends every rank a block of that many rows, each with its local
-  expert's id in the row, after a header of the sender's token count and flag. No count
+  expert's id in the row, after a header of the sender's tokens, flag and layer. No count
   exchange comes first: 2 exchanges a layer instead of 3, which is what bounds decoding a
   few tokens a step (each exchange costs a round trip, whatever its size). The size is
   top-k x the most tokens any rank routed in the group's previous forward, so that a
@@ -49,8 +49,8 @@ more in bytes than the count exchange it saves in latency."""
 @dataclass
 class GroupAgreement:
     """What the ranks of an expert-parallel group hear from each other in every exchange's
-    header (each rank's tokens and flag), and the block size they agree from it; one per
-    group, shared by its MoE layers, so the same on every rank."""
+    header (_HEADER_FIELDS), and the block size they agree from it; one per group, shared
+    by its MoE layers, so the same on every rank."""
 
     flag: int = 0
     """This rank's flag, sent with every header (raymoe.infer.worker's Lockstep: working)."""
@@ -59,12 +59,18 @@ class GroupAgreement:
     block_rows: int | None = None
     """Rows per destination of the next block exchange; None: exchange counts first."""
 
-    def heard(self, tokens: list[int], flags: list[int], top_k: int, d_model: int, itemsize: int) -> None:
-        """Every rank's tokens and flag, from one layer's headers."""
-        self.flags = flags
+    def heard(self, headers: list[list[int]], top_k: int, d_model: int, itemsize: int) -> bool:
+        """Every rank's header from one layer's exchange; whether some rank's rows overflowed.
+        Ranks in different layers (one failed inside a forward and went on in another) fail
+        here, all alike, instead of serving each other's tokens to the wrong experts."""
+        tokens, self.flags, layers, overflowed = (list(column) for column in zip(*headers, strict=True))
+        if len(set(layers)) > 1:
+            raise RuntimeError(f"the expert exchange is out of step: the group's ranks are in the MoE layers "
+                               f"of blocks {layers} (one failed inside a forward?); start the group again")
         rows = top_k * max(tokens)
         fits = block_exchange_bytes(len(tokens), rows, d_model, itemsize) <= BLOCK_EXCHANGE_BYTES
         self.block_rows = rows if fits else None
+        return any(overflowed)
 
 
 def block_exchange_bytes(ep: int, block_rows: int, d_model: int, itemsize: int) -> int:
@@ -79,8 +85,10 @@ def _block_row_bytes(d_model: int, itemsize: int) -> int:
     return max(-(-d_model * itemsize // 8) * 8, 4 * _HEADER) + _ID_BYTES
 
 
-_HEADER = 3
-"""A block header's int32 fields: the sender's tokens, its flag, whether its rows overflowed."""
+_HEADER_FIELDS = ("tokens", "flag", "layer", "overflow")
+"""An exchange header: the sender's tokens, its flag, its layer's block index, whether its
+rows overflowed the block size (blocks only)."""
+_HEADER = len(_HEADER_FIELDS)
 _ID_BYTES = 8
 """A row's last bytes: its local expert (int32; -1 for padding), then padding."""
 
@@ -174,20 +182,25 @@ def dispatch_fixed(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange, e
 
 
 def dispatch_variable(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange, experts: ExpertsFn,
-                      num_experts: int, dtype: torch.dtype) -> tuple[Tensor, int]:
+                      num_experts: int, dtype: torch.dtype, layer: int = 0) -> tuple[Tensor, int]:
     """Combined expert outputs (S, d) for any gate (dropping or not), without a capacity
     known beforehand, and the rows per local expert in the expert buffer: by blocks where
-    the group agreed a block size and no gradient is needed, else with the counts first."""
+    the group agreed a block size and no gradient is needed, else with the counts first.
+    ``layer``: the MoE layer's block index, which every rank must share."""
     agreement = exchange.agreement
     while exchange.ep_size > 1 and not torch.is_grad_enabled() and agreement.block_rows is not None:
-        done = _dispatch_blocks(tokens, gate, exchange, experts, num_experts, dtype, agreement.block_rows)
+        done = _dispatch_blocks(tokens, gate, exchange, experts, num_experts, dtype, layer, agreement.block_rows)
         if done is not None:
             return done
-    return _dispatch_counted(tokens, gate, exchange, experts, num_experts, dtype)
+    return _dispatch_counted(tokens, gate, exchange, experts, num_experts, dtype, layer)
+
+
+def _header(tokens: Tensor, exchange: ExpertExchange, layer: int, overflow: bool) -> tuple[int, ...]:
+    return tokens.shape[0], exchange.agreement.flag, layer, int(overflow)
 
 
 def _dispatch_counted(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange, experts: ExpertsFn,
-                      num_experts: int, dtype: torch.dtype) -> tuple[Tensor, int]:
+                      num_experts: int, dtype: torch.dtype, layer: int) -> tuple[Tensor, int]:
     """The variable split: counts (with each rank's header) first, then rows sized by them."""
     ep = exchange.ep_size
     local_experts, d = num_experts // ep, tokens.shape[1]
@@ -196,11 +209,11 @@ def _dispatch_counted(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange
     by_expert = torch.where(gate.kept.reshape(-1), expert, num_experts)  # dropped: last
     order = torch.argsort(by_expert, stable=True)
     counts = count_per_expert(by_expert, num_experts + 1)[:num_experts]
-    header = torch.stack([counts.new_full((ep,), tokens.shape[0]),  # fills: no copy to the device
-                          counts.new_full((ep,), exchange.agreement.flag)], dim=1)
+    header = torch.stack([counts.new_full((ep,), value)  # fills: no copy to the device
+                          for value in _header(tokens, exchange, layer, overflow=False)], dim=1)
     received = exchange.exchange_counts(torch.cat([counts.view(ep, local_experts), header], dim=1).flatten())
     sizes = _host_sizes(counts.view(ep, local_experts).sum(dim=1), received)  # on the device
-    exchange.agreement.heard(sizes.tokens, sizes.flags, top_k, d, dtype.itemsize)
+    exchange.agreement.heard(sizes.headers, top_k, d, dtype.itemsize)
     order = order[:sum(sizes.send)]  # the kept assignments, sorted by expert
     token_index = order // top_k
     sent = tokens.index_select(0, token_index).to(dtype)
@@ -209,7 +222,7 @@ def _dispatch_counted(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange
 
     # Rows arrive grouped by source rank, then by local expert: give each its place.
     local_expert = torch.arange(local_experts, device=tokens.device).repeat(ep)
-    local_expert = local_expert.repeat_interleave(received[:, :-2].flatten(), output_size=sum(sizes.recv))
+    local_expert = local_expert.repeat_interleave(received[:, :-_HEADER].flatten(), output_size=sum(sizes.recv))
     row = local_expert * sizes.capacity + position_in_expert(local_expert, local_experts)
     buffer = arrived.new_zeros(local_experts * sizes.capacity, d)
     buffer.index_put_((row,), arrived)
@@ -222,7 +235,7 @@ def _dispatch_counted(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange
 
 @torch.no_grad()
 def _dispatch_blocks(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange, experts: ExpertsFn,
-                     num_experts: int, dtype: torch.dtype, block: int) -> tuple[Tensor, int] | None:
+                     num_experts: int, dtype: torch.dtype, layer: int, block: int) -> tuple[Tensor, int] | None:
     """The block exchange (module docstring); None, on every rank alike, when some rank's
     rows did not fit ``block`` (the agreement then holds the size that fits)."""
     ep, d, device = exchange.ep_size, tokens.shape[1], tokens.device
@@ -243,7 +256,7 @@ def _dispatch_blocks(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange,
         packed[:, :data_bytes].view(dtype).index_put_((sent_row,), tokens.index_select(0, token_index).to(dtype))
         ids.index_put_((sent_row,), (expert % local_experts).to(torch.int32))
     header = packed[:ep * stride].view(ep, stride, row_bytes)[:, 0, :4 * _HEADER].view(torch.int32)
-    for field_index, value in enumerate((tokens.shape[0], exchange.agreement.flag, int(overflow))):
+    for field_index, value in enumerate(_header(tokens, exchange, layer, overflow)):
         header[:, field_index].fill_(value)  # a fill: no copy to the device, no wait for it
 
     arrived = exchange.exchange_blocks(packed[:ep * stride]).view(ep, stride, row_bytes)
@@ -252,9 +265,8 @@ def _dispatch_blocks(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange,
     counts = count_per_expert(local_expert, local_experts + 1)[:local_experts]
     heard = arrived[:, 0, :4 * _HEADER].view(torch.int32)
     flat = torch.cat([heard.flatten().long(), counts]).tolist()  # the layer's one host sync
-    sources = [flat[r * _HEADER:(r + 1) * _HEADER] for r in range(ep)]
-    exchange.agreement.heard([s[0] for s in sources], [s[1] for s in sources], top_k, d, dtype.itemsize)
-    if any(s[2] for s in sources):
+    headers = [flat[r * _HEADER:(r + 1) * _HEADER] for r in range(ep)]
+    if exchange.agreement.heard(headers, top_k, d, dtype.itemsize):
         return None
     per_expert = flat[ep * _HEADER:]
     capacity = max(max(per_expert), 1)
@@ -281,10 +293,8 @@ class _HostSizes:
     """What the variable exchange needs on the host, read from the device in one copy."""
 
     def __init__(self, send: list[int], received: list[list[int]], headers: list[list[int]]):
-        self.tokens = [h[0] for h in headers]
-        """Each rank's tokens (from its header)."""
-        self.flags = [h[1] for h in headers]
-        """Each rank's flag (from its header)."""
+        self.headers = headers
+        """Each rank's header."""
         self.send = send
         """Rows to each rank of the group."""
         self.recv = [sum(per_expert) for per_expert in received]
@@ -296,8 +306,8 @@ class _HostSizes:
 
 
 def _host_sizes(send: Tensor, received: Tensor) -> _HostSizes:
-    """From the rows to each rank and the (ep, E_local + 2) counts and headers received."""
+    """From the rows to each rank and the (ep, E_local + _HEADER) counts and headers received."""
     ep, width = received.shape
     flat = torch.cat([send, received.flatten()]).tolist()  # the layer's one host sync
     per_source = [flat[ep + r * width: ep + (r + 1) * width] for r in range(ep)]
-    return _HostSizes(flat[:ep], [row[:-2] for row in per_source], [row[-2:] for row in per_source])
+    return _HostSizes(flat[:ep], [row[:-_HEADER] for row in per_source], [row[-_HEADER:] for row in per_source])

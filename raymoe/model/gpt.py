@@ -68,7 +68,7 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(cfg)
         self.ln_2 = nn.LayerNorm(cfg.d_model)
         self.is_moe = cfg.moe.is_moe_layer(layer_index)
-        self.mlp: nn.Module = (MoELayer(cfg.d_model, cfg.d_ffn, cfg.moe, exchange)
+        self.mlp: nn.Module = (MoELayer(cfg.d_model, cfg.d_ffn, cfg.moe, exchange, layer_index)
                                if self.is_moe else MLP(cfg))
         self.drop = nn.Dropout(cfg.dropout)
 

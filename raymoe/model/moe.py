@@ -266,9 +266,12 @@ def _accumulate_bias(grad: Tensor | None, part: slice, grad_out: Tensor) -> None
 
 class MoELayer(nn.Module):
     def __init__(self, d_model: int, d_ffn: int, cfg: MoEConfig,
-                 exchange: ExpertExchange | None = None):
+                 exchange: ExpertExchange | None = None, layer: int = 0):
+        """``layer``: the index of its block in the model, which the exchanges' headers carry
+        (ranks that reach different layers fail instead of exchanging)."""
         super().__init__()
         self.cfg = cfg
+        self.layer = layer
         self.exchange: ExpertExchange = exchange or LocalExchange()
         if cfg.num_experts % self.exchange.ep_size:
             raise ValueError(f"num_experts={cfg.num_experts} is not divisible by the "
@@ -301,10 +304,12 @@ class MoELayer(nn.Module):
         tokens = x.reshape(-1, shape[-1])
         logits = self.router(tokens)
         gate = self.gate(logits)
-        fixed = gate.capacity is not None and self.cfg.fixed_capacity_exchange
-        dispatch = dispatch_fixed if fixed else dispatch_variable
-        y, capacity = dispatch(tokens, gate, taped(self.exchange), self.experts, self.num_experts,
-                               _compute_dtype(x))
+        exchange, dtype = taped(self.exchange), _compute_dtype(x)
+        if gate.capacity is not None and self.cfg.fixed_capacity_exchange:
+            y, capacity = dispatch_fixed(tokens, gate, exchange, self.experts, self.num_experts, dtype)
+        else:
+            y, capacity = dispatch_variable(tokens, gate, exchange, self.experts, self.num_experts, dtype,
+                                            self.layer)
         stats = MoEStats(
             l_aux=gate.l_aux,
             z_loss=router_z_loss(logits) if self.cfg.z_loss_coef > 0 else logits.new_zeros(()),
