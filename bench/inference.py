@@ -15,7 +15,7 @@ forward). Every configuration's group is held for the whole run, and each figure
 best of --repeats rounds that run every configuration in turn. Prints one line per (model,
 batch) and one per model for scoring; how much 2 processes gain over one on this machine,
 at the start and at the end (other work on a shared machine lowers it, and EP2/EP1 with
-it); then the ratios of tokens/s: MoE / dense-5x and MoE / dense-base per batch size and for
+it), and how busy the machine is while the groups are held idle; then the ratios of tokens/s: MoE / dense-5x and MoE / dense-base per batch size and for
 scoring (above 1: the MoE model is faster), and MoE at EP N / EP 1 (above 1: the group is
 faster than one rank); last, what bounds EP 2 at batch 64 here: one rank's step at 32 rows
 plus the exchanges of a token step, each at least a block exchange's latency between 2
@@ -43,6 +43,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import psutil  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
@@ -204,6 +205,15 @@ def exchange_latency(rows: int, d_model: int, cpus_per_rank: int, calls: int = 3
     return seconds
 
 
+def background_line(seconds: float = 5.0) -> str:
+    """How much of the machine is busy while every group is held and none works: Ray's own
+    processes (every actor's threads, the raylet, the GCS) and the system's. A group of 2
+    computes on both cores and shares them with it; one rank leaves it a core."""
+    busy = psutil.cpu_percent(interval=seconds) / 100 * psutil.cpu_count()
+    return (f"background: {busy:.2f} of {psutil.cpu_count()} cores busy while every group is held idle "
+            "(Ray's own processes and the system's), which a group of 2 shares with its ranks")
+
+
 def headroom_line(when: str) -> str:
     return (f"parallel headroom {when}: 2 single-thread processes do {parallel_headroom(2):.2f}x "
             "the work of one (2.00 on 2 free cores; the bound of EP2/EP1)")
@@ -289,9 +299,11 @@ def main() -> None:
     with contextlib.ExitStack() as stack:
         groups, params = open_groups(stack, shapes, args, root)
         results = measure(groups, args)
+        background = background_line()
     print_results(results, params, args)
     ray.shutdown()
     print(headroom_line("after"))
+    print(background)
     print_ratios(results)
     print(decode_bound_line(results, latency, args.layers // 2))  # bench_config: every other layer
 
