@@ -12,17 +12,18 @@ Batches of 1, 8, 32 and 64 random prompts generate --new-tokens tokens each (no 
 scoring is the log-likelihood of --score-pairs random (context, continuation) pairs of
 --score-len tokens, --score-batch rows per forward on each rank (thousands of tokens per
 forward). Every configuration's group is held for the whole run, and each figure is the
-best of --repeats rounds that run every configuration in turn. Prints one line per (model,
-batch) and one per model for scoring; how much 2 processes gain over one on this machine,
-at the start and at the end (other work on a shared machine lowers it, and EP2/EP1 with
-it), and how busy the machine is while the groups are held idle; then the ratios of tokens/s: MoE / dense-5x and MoE / dense-base per batch size and for
-scoring (above 1: the MoE model is faster), and MoE at EP N / EP 1 (above 1: the group is
-faster than one rank); last, what bounds EP 2 at batch 64 here: one rank's step at 32 rows
-plus the exchanges of a token step, each at least a block exchange's latency between 2
-Ray actors through shared memory, as the groups exchange on one host (measured before the
-groups start, with gloo's beside it). The models are randomly initialised (speed does not depend on the
-weights) and byte-level, so that the output layer stays small beside the feed-forward
-layers.
+best of --repeats rounds that run every configuration in turn. Prints one line per
+(model, batch) and one per model for scoring; how much 2 processes gain over one on this
+machine, at the start and at the end (other work on a shared machine lowers it, and
+EP2/EP1 with it), and how busy the machine is while the groups are held idle; then the
+ratios of tokens/s: MoE / dense-5x and MoE / dense-base per batch size and for scoring
+(above 1: the MoE model is faster), and MoE at EP N / EP 1 (above 1: the group is faster
+than one rank); last, what bounds EP 2 at batch 64 here: one rank's step at 32 rows plus
+the exchanges of a token step, each at least a block exchange's latency between 2 Ray
+actors through shared memory, as the groups exchange on one host (measured before the
+groups start, with gloo's beside it). The models are randomly initialised (speed does
+not depend on the weights) and byte-level, so that the output layer stays small beside
+the feed-forward layers.
 """
 
 from __future__ import annotations
