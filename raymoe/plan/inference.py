@@ -178,7 +178,7 @@ ASSUMPTIONS = (
     "bf16 weights and cache; a batch's tokens spread uniformly over the experts and its rows evenly over "
     f"the devices; 2 all-to-alls per MoE layer and step, {ALL_TO_ALL_LATENCY * 1e6:.0f} us each plus their "
     "bytes: to each device a block of top-k x the busiest device's rows (3 all-to-alls where that passes "
-    f"{BLOCK_EXCHANGE_BYTES // 2**20} MiB a device: counts first, then only the rows), over NVLink inside a "
-    "node (NCCL: microseconds), the network across nodes; a dense model is "
+    f"{BLOCK_EXCHANGE_BYTES // 2**20} MiB a device: counts first, then only the rows), inside a node NCCL "
+    "over NVLink (microseconds), across nodes the network; a dense model is "
     "replicated (no tensor parallelism), so more GPUs do not lower its latency; no kernel-launch overhead "
     "(CUDA graphs), no prompt processing; context = the model's sequence length unless given")
