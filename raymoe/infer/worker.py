@@ -8,10 +8,10 @@ the experts of the other ranks through the MoE layers' all-to-alls, training's e
 in eval mode. Inference drops no token, so the exchange is a variable one (counts first,
 or blocks sized by the group's previous forward: raymoe.model.dispatch), which lets ranks
 route different numbers of tokens, none included. A CPU group on one host exchanges
-through shared memory (raymoe.parallel.shared_memory), a tenth of gloo's latency. What the ranks must share
-is the sequence of collectives: ``Lockstep`` makes every rank run the same number of
-forwards, agreeing through the exchange itself. Each rank reads only its own experts'
-weights, which is what lets the group hold a model no single device can.
+through shared memory (raymoe.parallel.shared_memory), a tenth of gloo's latency. What
+the ranks must share is the sequence of collectives: ``Lockstep`` makes every rank run
+the same number of forwards, agreeing through the exchange itself. Each rank reads only
+its own experts' weights, which is what lets the group hold a model no single device can.
 """
 
 from __future__ import annotations

@@ -246,7 +246,8 @@ def _dispatch_blocks(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange,
     data_bytes, row_bytes = d * dtype.itemsize, _block_row_bytes(d, dtype.itemsize)
     stride = block + 1  # a header row, then the block
     packed = torch.zeros(ep * stride + 1, row_bytes, dtype=torch.uint8, device=device)  # + a spare row
-    ids = packed[:, row_bytes - _ID_BYTES:row_bytes - _ID_BYTES + 4].view(torch.int32).view(-1)
+    id_bytes = slice(row_bytes - _ID_BYTES, row_bytes - _ID_BYTES + 4)
+    ids = packed[:, id_bytes].view(torch.int32).view(-1)
     ids.fill_(-1)  # padding: no expert
     token_index = torch.arange(expert.numel(), device=device) // top_k
     to_rank = torch.where(gate.kept.reshape(-1), expert // local_experts, ep)  # dropped: none
@@ -260,7 +261,7 @@ def _dispatch_blocks(tokens: Tensor, gate: GateOutput, exchange: ExpertExchange,
         header[:, field_index].fill_(value)  # a fill: no copy to the device, no wait for it
 
     arrived = exchange.exchange_blocks(packed[:ep * stride]).view(ep, stride, row_bytes)
-    arrived_ids = arrived[:, 1:, row_bytes - _ID_BYTES:row_bytes - _ID_BYTES + 4].reshape(-1).view(torch.int32).long()
+    arrived_ids = arrived[:, 1:, id_bytes].reshape(-1).view(torch.int32).long()
     local_expert = torch.where(arrived_ids >= 0, arrived_ids, local_experts)  # padding: spare
     counts = count_per_expert(local_expert, local_experts + 1)[:local_experts]
     heard = arrived[:, 0, :4 * _HEADER].view(torch.int32)

@@ -50,25 +50,26 @@ class ProcessGroupExchange:
 
     def exchange_rows(self, x: Tensor, send_counts: list[int], recv_counts: list[int]) -> Tensor:
         start = time.perf_counter()
-        out = self.shared.all_to_all(x, send_counts, recv_counts) if self.shared is not None else None
-        if out is None:
-            out = x.new_empty((sum(recv_counts),) + tuple(x.shape[1:]))
-            dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=self.group)
+        out = self._exchange(x, send_counts, recv_counts)
         self.seconds += time.perf_counter() - start
         return out
 
     def exchange_counts(self, counts: Tensor) -> Tensor:
-        return self._equal_split(counts).view(self.ep_size, -1)
+        return self._exchange(counts).view(self.ep_size, -1)
 
     def exchange_blocks(self, blocks: Tensor) -> Tensor:
         start = time.perf_counter()
-        out = self._equal_split(blocks)
+        out = self._exchange(blocks)
         self.seconds += time.perf_counter() - start
         return out
 
-    def _equal_split(self, x: Tensor) -> Tensor:
-        out = self.shared.all_to_all(x) if self.shared is not None else None
+    def _exchange(self, x: Tensor, send_counts: list[int] | None = None,
+                  recv_counts: list[int] | None = None) -> Tensor:
+        """Through shared memory where set and the rows fit, else the process group's
+        all_to_all (counts None: equal shares)."""
+        out = self.shared.all_to_all(x, send_counts, recv_counts) if self.shared is not None else None
         if out is None:
-            out = torch.empty_like(x)
-            dist.all_to_all_single(out, x, group=self.group)
+            rows = x.shape[0] if recv_counts is None else sum(recv_counts)
+            out = x.new_empty((rows,) + tuple(x.shape[1:]))
+            dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts, group=self.group)
         return out

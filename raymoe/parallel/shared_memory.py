@@ -12,11 +12,11 @@ counter written after the rows publish them. Elsewhere gloo, and NCCL on GPUs, d
 
 Layout of the mapping: a 64-byte header per rank (its round counter, its process id,
 whether its rows fit, in even and in odd rounds; rank 0's also a number that tells the
-others they map the same file), then two buffers used in alternate
-rounds, each with a part per (source, destination) pair. A rank rewrites a buffer (and
-its flag) only two rounds on, by when every peer has read it (each has published the
-round between). A round in which some rank's
-rows do not fit its parts is left, on every rank, to the process group.
+others they map the same file), then two buffers used in alternate rounds, each with a
+part per (source, destination) pair. A rank rewrites a buffer (and its flag) only two
+rounds on, by when every peer has read it (each has published the round between). A
+round in which some rank's rows do not fit its parts is left, on every rank, to the
+process group.
 """
 
 from __future__ import annotations
